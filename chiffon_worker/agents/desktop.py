@@ -1,0 +1,64 @@
+"""``DesktopAgent``: a desktop or GPU rig that reports CPU, memory and GPU capacity."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from chiffon_worker.agents.base import BaseAgent
+from chiffon_worker.config import Config
+from chiffon_worker.metrics.cpu import CpuMetrics
+from chiffon_worker.metrics.gpu import GpuMetrics
+from chiffon_worker.metrics.gpu_types import flat_gpu_keys
+from chiffon_worker.metrics.memory import MemoryMetrics
+from chiffon_worker.protocol import WorkRequest, WorkResult
+
+log = logging.getLogger(__name__)
+
+STUB_OUTPUT = "Desktop agent phase 4 (metrics only)"
+
+
+class DesktopAgent(BaseAgent):
+    """Metric sources are created lazily on first use: constructing an agent probes nothing."""
+
+    def __init__(self, agent_id: str, agent_type: str, config: Config) -> None:
+        super().__init__(agent_id, agent_type, config)
+        self._cpu: CpuMetrics | None = None
+        self._memory: MemoryMetrics | None = None
+        self._gpu: GpuMetrics | None = None
+
+    def _sources(self) -> tuple[CpuMetrics, MemoryMetrics, GpuMetrics]:
+        if self._cpu is None or self._memory is None or self._gpu is None:
+            root = self.config.sysfs_root
+            self._cpu = CpuMetrics(root)
+            self._memory = MemoryMetrics(root)
+            self._gpu = GpuMetrics(sysfs_root=root,
+                                   timeout_s=self.config.gpu_detection_timeout_seconds)
+        return self._cpu, self._memory, self._gpu
+
+    def _get_gpu_metrics(self) -> dict[str, Any]:
+        """GPU keys: returns within ``gpu_detection_timeout_seconds`` even if a probe hangs."""
+        return flat_gpu_keys(self._sources()[2].sample())
+
+    def _get_resource_metrics(self) -> dict[str, Any]:
+        cpu, memory, _ = self._sources()
+        metrics = cpu.sample()
+        metrics.update(memory.sample())
+        metrics.update(self._get_gpu_metrics())
+        return metrics
+
+    def get_agent_capabilities(self) -> dict[str, Any]:
+        return {"gpu_compute": False, "inference": False, "training": False}
+
+    def execute_work(self, request: WorkRequest) -> WorkResult:
+        """Stub: logs the work type and succeeds; real execution arrives in a later phase."""
+        started = time.perf_counter()
+        log.info("work %s of type %s received (stub: metrics-only agent)",
+                 request.work_id, request.work_type)
+        return WorkResult.success(request, STUB_OUTPUT, self.agent_id,
+                                  time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._gpu is not None:
+            self._gpu.close()

@@ -1,0 +1,1 @@
+"""Metric sources, one module each. Nothing here knows about Celery or the orchestrator."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated config environment and access to the machine's services.
+
+A missing service skips an integration test locally and fails it under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_port(host: str, port: int, what: str) -> None:
+    """Skip (locally) or fail (CI) unless ``host:port`` accepts a TCP connection."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as exc:
+        message = f"{what} not reachable at {host}:{port}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    require_port("127.0.0.1", 5672, "RabbitMQ")
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_port("127.0.0.1", 6379, "Redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    require_port("127.0.0.1", 5432, "PostgreSQL")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No CHIFFON_* variables, HOME and XDG_STATE_HOME inside tmp_path; yields the home."""
+    for name in list(os.environ):
+        if name.startswith("CHIFFON_") or name == "YAML_LOADER_FOR_DYNACONF":
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    yield home
