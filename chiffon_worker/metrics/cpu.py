@@ -45,7 +45,7 @@ class CpuMetrics:
         self._physical = physical_cores()
         self._effective = float(self._physical)
         self._limits_read_at = float("-inf")
-        psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+        self._primed = False
 
     def effective_cores(self) -> float:
         """Cores this process can use: physical, capped by affinity and cgroup quota."""
@@ -62,12 +62,26 @@ class CpuMetrics:
             self._limits_read_at = now
         return self._effective
 
+    def busy_percent(self) -> float:
+        """CPU busy % since the previous call; the first call reports the average since boot
+        (psutil's own first answer would be a meaningless 0.0). Never sleeps."""
+        if self._primed:
+            return float(psutil.cpu_percent(interval=None))
+        self._primed = True
+        psutil.cpu_percent(interval=None)  # start psutil's interval from now
+        times = psutil.cpu_times()
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        total = sum(times)
+        # guest time is already counted in user time on Linux
+        total -= getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+        return round(100.0 * (1.0 - idle / total), 1) if total > 0 else 0.0
+
     def sample(self) -> dict[str, Any]:
         """The CPU keys of the snapshot."""
         load1, load5, load15 = psutil.getloadavg()
         cores = self.effective_cores()
         return {
-            "cpu_percent": psutil.cpu_percent(interval=None),
+            "cpu_percent": self.busy_percent(),
             "cpu_load_1min": round(load1, 2),
             "cpu_load_5min": round(load5, 2),
             "cpu_load_15min": round(load15, 2),

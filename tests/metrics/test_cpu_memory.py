@@ -110,8 +110,19 @@ def test_cpu_percent_never_sleeps(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         return 37.5
 
     monkeypatch.setattr(psutil, "cpu_percent", fake_percent)
-    assert CpuMetrics(str(tmp_path), no_proc(tmp_path)).sample()["cpu_percent"] == 37.5
+    metrics = CpuMetrics(str(tmp_path), no_proc(tmp_path))
+    metrics.sample()
+    assert metrics.sample()["cpu_percent"] == 37.5
     assert calls == [None, None]
+
+
+def test_first_cpu_percent_is_the_average_since_boot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    times = psutil._pslinux.scputimes(  # type: ignore[attr-defined]
+        user=300.0, nice=0.0, system=100.0, idle=500.0, iowait=100.0, irq=0.0, softirq=0.0,
+        steal=0.0, guest=0.0, guest_nice=0.0)
+    monkeypatch.setattr(psutil, "cpu_times", lambda: times)
+    assert CpuMetrics(str(tmp_path), no_proc(tmp_path)).sample()["cpu_percent"] == 40.0
 
 
 class FakeVm:
