@@ -18,8 +18,10 @@ a cache in a few microseconds.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -35,7 +37,7 @@ from chiffon_worker.metrics.gpu_types import (
 )
 from chiffon_worker.metrics.intel import IntelSysfsSource
 from chiffon_worker.metrics.nvidia_smi import NvidiaSmiSource
-from chiffon_worker.metrics.nvml import NvmlSource, nvidia_pci_devices, suspended_nvidia_cards
+from chiffon_worker.metrics.nvml import nvidia_pci_devices, shared_source, suspended_nvidia_cards
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class GpuProber:
                  respect_runtime_suspend: bool = True, clock: Clock = time.monotonic) -> None:
         self.sysfs_root = sysfs_root
         self.timeout_s = timeout_s
-        self.nvml: GpuSource = nvml if nvml is not None else NvmlSource()
+        self.nvml: GpuSource = nvml if nvml is not None else shared_source()
         self.nvidia_smi: GpuSource = nvidia_smi if nvidia_smi is not None else NvidiaSmiSource()
         self.amd: GpuSource = amd if amd is not None else AmdSysfsSource(sysfs_root)
         self.intel: GpuSource = intel if intel is not None else IntelSysfsSource(sysfs_root)
@@ -95,17 +97,15 @@ class GpuProber:
                 log.debug("every NVIDIA GPU is runtime-suspended; not waking it")
                 return asleep
         try:
-            return self.nvml.read(max(0.0, deadline - self._clock()))
+            return self._read(self.nvml, deadline)
         except GpuSourceUnavailable as exc:
             log.debug("%s", exc)
         return self._read(self.nvidia_smi, deadline)
 
     def _read(self, source: GpuSource, deadline: float) -> tuple[GpuDevice, ...]:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            raise ProbeTimeout(f"GPU probe: no time left for {source.name} "
-                               f"(timeout {self.timeout_s:g} s)")
-        return source.read(remaining)
+        # Past the deadline a source still runs, with 0 s left: sysfs answers anyway, and a
+        # subprocess source times out at once instead of extending the probe.
+        return source.read(max(0.0, deadline - self._clock()))
 
     def probe(self) -> GpuReading:
         """Every GPU every source sees. Per-source failures go to ``errors``; raises
@@ -138,7 +138,10 @@ class GpuProber:
         return GpuReading(devices=found, sources=_unique_sources(found), errors=tuple(errors))
 
     def close(self) -> None:
-        """Release library state (NVML shutdown) where a source holds any."""
+        """Release library state (NVML shutdown) where an NVML source was given to this
+        prober; the process-wide NVML session (the default) stays up for the process."""
+        if self.nvml is shared_source():
+            return
         closer = getattr(self.nvml, "close", None)
         if callable(closer):
             closer()
@@ -196,6 +199,14 @@ class GpuMetrics:
         self._trouble_since: float | None = None  # start of the first unanswered probe
         self._reported: ProbeState | None = None
         self.probes_started = 0  # diagnostics (and tests)
+        _live.add(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: the probe thread and its lock did not come along."""
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+        self._busy = False
+        self._requested = False
 
     # -- the caller's side -----------------------------------------------------------------
 
@@ -227,8 +238,8 @@ class GpuMetrics:
                 if self._trouble_since is None:
                     self._trouble_since = self._probe_started
                 running = now - self._probe_started
-                return self._degraded(now, f"GPU probe still running after {running:.1f} s "
-                                           f"(timeout {self.timeout_s:g} s)")
+                return self._degraded(now, f"GPU probe timed out: still running after "
+                                           f"{running:.1f} s (timeout {self.timeout_s:g} s)")
             assert self._outcome is not None
             return self._deliver(self._outcome, now)
 
@@ -360,3 +371,14 @@ class GpuMetrics:
             closer = getattr(self._prober, "close", None)
             if callable(closer):
                 closer()
+
+
+_live: weakref.WeakSet[GpuMetrics] = weakref.WeakSet()
+
+
+def _reset_all_after_fork() -> None:
+    for gpu in list(_live):
+        gpu._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_all_after_fork)

@@ -2,10 +2,10 @@
 touches pynvml.
 
 * ``pynvml`` is imported lazily, on the first :meth:`NvmlSource.read`, never at import time.
-* ``nvmlInit()`` runs once per process; device handles are fetched once and reused (a
-  re-init can take seconds without persistence mode). A failed init is retried at most
-  every ``retry_s`` seconds (60 by default); in between, the same failure is raised again
-  at no cost.
+* ``nvmlInit()`` runs once per process (:func:`shared_source`); device handles are
+  fetched once and reused (a re-init can take seconds without persistence mode). A failed
+  init is retried at most every ``retry_s`` seconds (60 by default); in between, the same
+  failure is raised again at no cost.
 * Every NVML function is called through :meth:`NvmlSource._query`, the one choke point
   that knows which NVML errors mean "not supported here" and which mean trouble.
 * Without the binding or ``libnvidia-ml.so.1``: :class:`~chiffon_worker.errors.GpuSourceUnavailable`
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -137,7 +138,6 @@ class NvmlSource:
                 self._nv = self._load()
             except ImportError as exc:
                 raise GpuSourceUnavailable(f"NVML: python binding not importable: {exc}") from exc
-        nv = self._nv
         nvml_error = self._error_class("NVMLError")
         self.init_calls += 1
         try:
@@ -154,8 +154,7 @@ class NvmlSource:
             raise GpuProbeError(f"NVML: cannot count devices: {exc}") from exc
         self._handles = [None] * count
         self._initialised = True
-        log.info("NVML initialised: %d device(s), driver binding %s", count,
-                 getattr(nv, "__version__", "?"))
+        log.info("NVML initialised: %d device(s)", count)
 
     def _shutdown_quietly(self) -> None:
         if self._nv is None:
@@ -284,6 +283,32 @@ def nvidia_pci_devices(sysfs_root: str) -> list[Path] | None:
                 pci_class is not None and pci_class.lower().startswith("0x03"):
             found.append(entry)
     return found
+
+
+_shared: NvmlSource | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_source() -> NvmlSource:
+    """The process-wide :class:`NvmlSource` (NVML is initialised once per process).
+
+    Created on first call; nothing is loaded until its first ``read``. A forked child
+    gets a fresh one on its first call (NVML state does not survive ``fork``).
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = NvmlSource()
+        return _shared
+
+
+def _forget_shared_after_fork() -> None:
+    global _shared, _shared_lock
+    _shared = None
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_shared_after_fork)
 
 
 def suspended_nvidia_cards(sysfs_root: str) -> tuple[GpuDevice, ...] | None:
