@@ -1,8 +1,5 @@
 """AMD GPUs from amdgpu's sysfs (and ``rocm-smi`` where sysfs lacks memory figures).
 
-Also home of the DRM card enumeration shared by the Intel source and the NVIDIA
-runtime-suspend check (:func:`drm_cards`, :func:`read_text`).
-
 For each ``<sysfs_root>/class/drm/card<N>`` whose ``device/vendor`` is ``0x1002``:
 ``mem_info_vram_total`` / ``mem_info_vram_used`` (bytes), ``gpu_busy_percent`` (%),
 ``hwmon/hwmon*/temp1_input`` (millidegrees C). An APU reports its small carve-out as
@@ -14,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +18,14 @@ from typing import Any
 
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable
 from chiffon_worker.metrics.bounded_subprocess import CompletedCommand, run_bounded
+from chiffon_worker.metrics.drm import (
+    CARD_RE,
+    card_number,
+    drm_cards,
+    hwmon_temperature,
+    read_int,
+    read_text,
+)
 from chiffon_worker.metrics.gpu_types import GpuDevice, bytes_to_gib
 
 log = logging.getLogger(__name__)
@@ -30,73 +34,8 @@ SOURCE = "amd-sysfs"
 ROCM_SOURCE = "rocm-smi"
 AMD_VENDOR_ID = "0x1002"
 ROCM_SMI_ARGS = ("rocm-smi", "--showmeminfo", "vram", "--json")
-_CARD_RE = re.compile(r"^card(\d+)$")
 
 Runner = Callable[[Sequence[str], float], CompletedCommand]
-
-
-def read_text(path: Path) -> str | None:
-    """A sysfs attribute, stripped; ``None`` if it does not exist. Other ``OSError``s
-    (EIO from a wedged device, EACCES) propagate."""
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
-    except FileNotFoundError:
-        return None
-
-
-def read_int(path: Path) -> int | None:
-    """A sysfs integer attribute; ``None`` if absent. ``ValueError`` if not an integer."""
-    text = read_text(path)
-    return None if text is None or text == "" else int(text, 0)
-
-
-def drm_cards(sysfs_root: str, vendor: str) -> list[Path]:
-    """``<sysfs_root>/class/drm/card<N>`` of one PCI vendor (``"0x1002"``), ordered by N.
-
-    Connector entries (``card0-DP-1``) and render nodes are skipped; a card whose vendor
-    file cannot be read is skipped too.
-    """
-    base = Path(sysfs_root) / "class" / "drm"
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return []
-    cards: list[tuple[int, Path]] = []
-    for entry in entries:
-        match = _CARD_RE.match(entry.name)
-        if not match:
-            continue
-        try:
-            found = read_text(entry / "device" / "vendor")
-        except OSError:
-            continue
-        if found is not None and found.lower() == vendor:
-            cards.append((int(match.group(1)), entry))
-    return [path for _, path in sorted(cards)]
-
-
-def card_number(card: Path) -> int:
-    """``N`` of ``.../card<N>``."""
-    match = _CARD_RE.match(card.name)
-    if match is None:
-        raise ValueError(f"not a DRM card: {card}")
-    return int(match.group(1))
-
-
-def hwmon_temperature(device_dir: Path, names: Sequence[str] = ("temp1_input",)) -> float | None:
-    """The first of ``names`` found under ``device/hwmon/hwmon*/``, in degrees C
-    (sysfs gives millidegrees)."""
-    hwmon = device_dir / "hwmon"
-    try:
-        dirs = sorted(hwmon.glob("hwmon*"))
-    except OSError:
-        return None
-    for name in names:
-        for directory in dirs:
-            value = read_int(directory / name)
-            if value is not None:
-                return round(value / 1000.0, 1)
-    return None
 
 
 def parse_rocm_smi_vram(text: str) -> dict[int, tuple[int, int]]:
@@ -113,7 +52,7 @@ def parse_rocm_smi_vram(text: str) -> dict[int, tuple[int, int]]:
         raise GpuProbeError(f"rocm-smi: expected a JSON object, got {type(data).__name__}")
     out: dict[int, tuple[int, int]] = {}
     for key, fields in data.items():
-        match = _CARD_RE.match(str(key))
+        match = CARD_RE.match(str(key))
         if not match or not isinstance(fields, dict):
             continue  # e.g. "system" entries
         try:

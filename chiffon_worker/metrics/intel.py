@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from chiffon_worker.errors import GpuSourceUnavailable
-from chiffon_worker.metrics.amd import (
+from chiffon_worker.metrics.drm import (
     card_number,
     drm_cards,
     hwmon_temperature,

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable
-from chiffon_worker.metrics.amd import read_text
+from chiffon_worker.metrics.drm import read_text
 from chiffon_worker.metrics.gpu_types import GpuDevice, bytes_to_gib
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable
-from chiffon_worker.metrics.amd import AmdSysfsSource, drm_cards, parse_rocm_smi_vram
+from chiffon_worker.metrics.amd import AmdSysfsSource, parse_rocm_smi_vram
+from chiffon_worker.metrics.drm import drm_cards
 from chiffon_worker.metrics.gpu import GpuMetrics, GpuProber
 from chiffon_worker.metrics.gpu_types import flat_gpu_keys
 from chiffon_worker.metrics.nvml import NvmlSource
