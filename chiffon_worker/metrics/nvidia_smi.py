@@ -28,8 +28,12 @@ UNKNOWN_VALUES = frozenset({"[N/A]", "N/A", "[Not Supported]", "[Insufficient Pe
                             "[Unknown Error]", "[GPU is lost]"})
 #: Documented exit statuses of nvidia-smi and what they mean.
 EXIT_MEANINGS = {
+    3: "the requested operation is not available on this GPU",
+    4: "permission denied (this user may not query the GPU)",
+    6: "the query was unsuccessful",
     9: "NVIDIA driver is not loaded",
     12: "NVML shared library not found",
+    14: "the GPU's infoROM is corrupted",
     15: "a GPU has fallen off the bus (GPU is lost)",
     18: "driver/library version mismatch",
     255: "unspecified error",

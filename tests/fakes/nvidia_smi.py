@@ -30,6 +30,7 @@ GARBAGE = "NVIDIA-SMI couldn't find libnvidia-ml.so library in your system.\n"
 
 # Documented exit statuses with the message each prints (18 prints on stdout).
 EXIT_MESSAGES = {
+    4: ("", "Insufficient Permissions"),
     9: ("", "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."),
     12: ("", "NVIDIA-SMI couldn't find libnvidia-ml.so library in your system."),
     15: ("", "Unable to determine the device handle for GPU0000:01:00.0: GPU is lost."),

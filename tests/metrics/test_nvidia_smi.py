@@ -100,6 +100,7 @@ def test_source_reports_unified_memory_as_unknown_vram(
 
 
 @pytest.mark.parametrize(("code", "meaning"), [
+    (4, "permission denied"),
     (9, "NVIDIA driver is not loaded"),
     (12, "NVML shared library not found"),
     (15, "GPU is lost"),
