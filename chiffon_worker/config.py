@@ -94,7 +94,10 @@ def _url_with_scheme(*schemes: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value == "":
             return None
-        scheme = urlsplit(value).scheme
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError as exc:
+            return f"is not a valid URL ({exc})"
         if scheme not in schemes:
             return f"scheme {scheme or '(none)'!r} is not one of {', '.join(schemes)}"
         return None
@@ -145,14 +148,15 @@ def mask_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``**`` (safe to log)."""
     try:
         parts = urlsplit(url)
+        password, port = parts.password, parts.port
     except ValueError:
         return "**"
-    if parts.password is None:
+    if password is None:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
 
 
@@ -174,7 +178,11 @@ def _coerce(key: str, spec: _Key, value: Any, source: str) -> Any:
                 raise ConfigError(source, key, f"expected a number, got {value!r}") from None
         if not isinstance(value, int | float):
             raise ConfigError(source, key, f"expected a number, got {type(value).__name__}")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            raise ConfigError(source, key, "is too large") from None
+        if not finite:
             raise ConfigError(source, key, f"expected a finite number, got {value!r}")
         if spec.type is int:
             if value != int(value):
@@ -200,21 +208,29 @@ def _read_file(path: Path) -> dict[str, Any]:
         return {}
     os.environ.pop("YAML_LOADER_FOR_DYNACONF", None)  # never the unsafe loader
     from dynaconf import Dynaconf
-    from dynaconf.vendor.ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from dynaconf.vendor.ruamel.yaml.error import (
+        MarkedYAMLError,
+        MarkedYAMLFutureWarning,
+        YAMLError,
+    )
 
     try:
         settings = Dynaconf(
             settings_files=[source], environments=False, core_loaders=["YAML"], loaders=[],
             load_dotenv=False, envvar_prefix="CHIFFON_NO_ENV_LOADER", merge_enabled=False,
+            # values are data: no "@int", "@format", "@read_file" ... token evaluation
+            auto_cast=False,
         )
         data = settings.as_dict()
-    except MarkedYAMLError as exc:
+    except (MarkedYAMLError, MarkedYAMLFutureWarning) as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = (exc.problem or exc.context or "invalid YAML").strip()
         raise ConfigError(source, None, f"invalid YAML at {line}{problem}") from None
     except YAMLError as exc:
         raise ConfigError(source, None, f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(source, None, "invalid YAML: recursive alias") from None
     except (AttributeError, TypeError):
         # dynaconf assumes a mapping at the top level and fails this way on lists and scalars
         raise ConfigError(source, None, "must be a mapping of key: value lines") from None
@@ -325,6 +341,9 @@ class Config:
         explicit = env.get("CHIFFON_CONFIG", "").strip()
         if explicit:
             path = Path(explicit).expanduser()
+            if path.is_dir():
+                raise ConfigError("CHIFFON_CONFIG", None,
+                                  f"{path} is a directory, not a config file")
             if not path.is_file():
                 raise ConfigError("CHIFFON_CONFIG", None, f"{path} does not exist")
             files.append(path)
@@ -421,7 +440,12 @@ def _validate(values: dict[str, Any], sources: dict[str, str]) -> None:
             continue
         problem = spec.check(values[key])
         if problem:
-            raise ConfigError(sources[key], key, f"{problem} (got {values[key]!r})")
+            shown = values[key]
+            if key in SECRET_KEYS:
+                shown = "**"
+            elif key in URL_KEYS:
+                shown = mask_url(shown)
+            raise ConfigError(sources[key], key, f"{problem} (got {shown!r})")
     interval = values["heartbeat_interval_seconds"]
     timeout = values["heartbeat_timeout_seconds"]
     if timeout < interval:

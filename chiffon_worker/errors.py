@@ -7,6 +7,11 @@ Callers that face users (the CLI, the worker start-up, the orchestrator consumer
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks escaped, so a message is always exactly one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class ChiffonError(Exception):
     """Base of every deliberate chiffon error; ``str()`` is a complete one-line message."""
 
@@ -19,7 +24,7 @@ class ConfigError(ChiffonError):
         self.key = key
         self.problem = problem
         where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {problem}")
+        super().__init__(one_line(f"{where}: {problem}"))
 
 
 class ProtocolError(ChiffonError, ValueError):
@@ -28,7 +33,7 @@ class ProtocolError(ChiffonError, ValueError):
     def __init__(self, field: str | None, problem: str) -> None:
         self.field = field
         self.problem = problem
-        super().__init__(f"{field}: {problem}" if field else problem)
+        super().__init__(one_line(f"{field}: {problem}" if field else problem))
 
 
 class GpuProbeError(ChiffonError):

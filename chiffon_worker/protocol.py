@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -76,7 +77,7 @@ def _decode(data: str | bytes | bytearray | Mapping[str, Any], what: str) -> dic
         except UnicodeDecodeError:
             raise ProtocolError(None, f"{what} is not UTF-8 text") from None
     if not isinstance(data, str):
-        raise ProtocolError(None, f"{what} must be a JSON object, got {type(data).__name__}")
+        raise ProtocolError(None, f"{what} must be a JSON object, got {_kind(data)}")
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(None, f"{what} is {len(data)} characters; the limit is "
                                   f"{MAX_MESSAGE_BYTES}")
@@ -85,7 +86,7 @@ def _decode(data: str | bytes | bytearray | Mapping[str, Any], what: str) -> dic
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(None, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ProtocolError(None, f"{what} must be a JSON object, got {type(value).__name__}")
+        raise ProtocolError(None, f"{what} must be a JSON object, got {_kind(value)}")
     return value
 
 
@@ -100,7 +101,17 @@ def _text(obj: Mapping[str, Any], key: str, *, required: bool = True) -> str:
         raise ProtocolError(key, "must not be empty")
     if len(value) > _MAX_ID_LENGTH and key != "error":
         raise ProtocolError(key, f"is longer than {_MAX_ID_LENGTH} characters")
+    if key != "error" and any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ProtocolError(key, "must not contain control characters")
     return value
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` that treats an int too large for a float as not finite."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _kind(value: Any) -> str:
@@ -110,9 +121,11 @@ def _kind(value: Any) -> str:
 def _check_json_value(value: Any, key: str) -> None:
     """Reject values JSON cannot carry faithfully (NaN, infinities, non-string keys)."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(key, f"is not plain JSON: {exc}") from None
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(key, f"is {size} bytes of JSON; the limit is {MAX_MESSAGE_BYTES}")
 
 
 @dataclass(frozen=True)
@@ -132,9 +145,9 @@ class WorkRequest:
     def from_json(cls, data: str | bytes | bytearray | Mapping[str, Any]) -> WorkRequest:
         """Parse and validate; raises ProtocolError naming the bad field."""
         obj = _decode(data, "work request")
-        unknown = sorted(set(obj) - {"work_id", "work_type", "payload"})
+        unknown = sorted(set(obj) - {"work_id", "work_type", "payload"}, key=str)
         if unknown:
-            raise ProtocolError(unknown[0], "is not a work request field")
+            raise ProtocolError(str(unknown[0]), "is not a work request field")
         return cls(work_id=_text(obj, "work_id"), work_type=_text(obj, "work_type"),
                    payload=obj.get("payload", {}))
 
@@ -164,7 +177,7 @@ class WorkResult:
         if self.status == "error" and not self.error:
             raise ProtocolError("error", "must explain an error result")
         if isinstance(self.duration_seconds, bool) or not isinstance(
-                self.duration_seconds, _NUMBER) or not math.isfinite(self.duration_seconds) \
+                self.duration_seconds, _NUMBER) or not _finite(self.duration_seconds) \
                 or self.duration_seconds < 0:
             raise ProtocolError("duration_seconds", "must be a non-negative number")
         _check_json_value(self.output, "output")
@@ -206,6 +219,38 @@ class WorkResult:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
 
+#: Fields of each ``gpus`` entry: (JSON types, may be null).
+GPU_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "index": ((int,), False),
+    "vendor": ((str,), False),
+    "name": ((str,), False),
+    "vram_total_gb": (_NUMBER, True),
+    "vram_available_gb": (_NUMBER, True),
+    "utilization_percent": (_NUMBER, True),
+    "temperature_c": (_NUMBER, True),
+    "source": ((str,), False),
+}
+
+
+def _check_gpu(gpu: Any, where: str) -> None:
+    if not isinstance(gpu, dict):
+        raise ProtocolError(where, "must be an object")
+    for key, (types, nullable) in GPU_FIELDS.items():
+        name = f"{where}.{key}"
+        if key not in gpu:
+            raise ProtocolError(name, "is missing")
+        value = gpu[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+            raise ProtocolError(name, f"must be {expected}, got {_kind(value)}")
+        if isinstance(value, _NUMBER) and (not _finite(value) or value < 0):
+            raise ProtocolError(name, "must be a finite, non-negative number")
+    if gpu["vendor"] not in GPU_TYPES[:-1]:
+        raise ProtocolError(f"{where}.vendor", f"must be one of {', '.join(GPU_TYPES[:-1])}")
+
+
 def validate_snapshot(data: str | bytes | bytearray | Mapping[str, Any]) -> dict[str, Any]:
     """Validate a heartbeat snapshot (schema 1) and return it as a dict.
 
@@ -227,7 +272,7 @@ def validate_snapshot(data: str | bytes | bytearray | Mapping[str, Any]) -> dict
                 expected = " or ".join(t.__name__ for t in types)
                 raise ProtocolError(key, f"must be {expected}, got {_kind(value)}")
             if isinstance(value, _NUMBER):
-                if not math.isfinite(value):
+                if not _finite(value):
                     raise ProtocolError(key, "must be a finite number")
                 if value < 0:
                     raise ProtocolError(key, f"must not be negative, got {value}")
@@ -249,8 +294,7 @@ def validate_snapshot(data: str | bytes | bytearray | Mapping[str, Any]) -> dict
     if snap["memory_available_gb"] > snap["memory_total_gb"] + 1e-6:
         raise ProtocolError("memory_available_gb", "exceeds memory_total_gb")
     for position, gpu in enumerate(snap["gpus"]):
-        if not isinstance(gpu, dict):
-            raise ProtocolError(f"gpus[{position}]", "must be an object")
+        _check_gpu(gpu, f"gpus[{position}]")
     state = snap["gpu_probe"].get("state")
     if state not in PROBE_STATES:
         raise ProtocolError("gpu_probe.state", f"must be one of {', '.join(PROBE_STATES)}")

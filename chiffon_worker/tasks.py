@@ -20,8 +20,8 @@ from chiffon_worker.protocol import WorkRequest, WorkResult
 log = logging.getLogger(__name__)
 
 
-def execute_work(raw_request: Any) -> dict[str, Any]:
-    """Validate ``raw_request`` (a WorkRequest as JSON text or object), run it on this
+def execute_work(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Validate the one argument (a WorkRequest as JSON text or object), run it on this
     process's agent, and return the ``WorkResult`` as a JSON object."""
     from chiffon_worker.app import current_config
     from chiffon_worker.runtime import current_agent
@@ -29,15 +29,29 @@ def execute_work(raw_request: Any) -> dict[str, Any]:
     config = current_config()
     started = time.perf_counter()
     try:
-        request = WorkRequest.from_json(raw_request)
+        if len(args) != 1 or kwargs:
+            raise ProtocolError(None, f"{EXECUTE_WORK_TASK} takes exactly one argument, the "
+                                      f"request (got {len(args)} and {len(kwargs)} keywords)")
+        request = WorkRequest.from_json(args[0])
     except ProtocolError as exc:
-        work_id = raw_request.get("work_id") if isinstance(raw_request, dict) else None
         log.warning("rejected malformed work request: %s", exc)
-        return WorkResult.failure(work_id if isinstance(work_id, str) else "",
-                                  f"malformed work request: {exc}", config.agent_id,
-                                  time.perf_counter() - started).to_dict()
+        return WorkResult.failure(_echoable_work_id(args, exc), f"malformed work request: {exc}",
+                                  config.agent_id, time.perf_counter() - started).to_dict()
     result = current_agent(config).execute_work(request)
     return result.to_dict()
+
+
+def _echoable_work_id(args: tuple[Any, ...], exc: ProtocolError) -> str:
+    """The request's work_id for the error result, unless the work_id itself is bad."""
+    raw = args[0] if len(args) == 1 else None
+    work_id = raw.get("work_id") if isinstance(raw, dict) else None
+    if exc.field == "work_id" or not isinstance(work_id, str):
+        return ""
+    try:
+        WorkRequest(work_id, "probe")
+    except ProtocolError:
+        return ""
+    return work_id
 
 
 def heartbeat(snapshot: dict[str, Any]) -> dict[str, Any]:

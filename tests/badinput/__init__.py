@@ -1,0 +1,1 @@
+"""Bad-input matrix: user-facing, end-to-end behaviour on malformed config, work and heartbeats."""
