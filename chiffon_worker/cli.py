@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_orchestrator_commands(sub: Any) -> None:
     """Orchestrator-side commands, when that part is installed."""
     try:
-        from chiffon_worker.orchestrator.commands import add_commands  # type: ignore[import-not-found,unused-ignore]
+        from chiffon_worker.orchestrator.commands import add_commands
     except ImportError:
         return
     add_commands(sub)

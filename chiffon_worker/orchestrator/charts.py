@@ -1,0 +1,105 @@
+"""``chiffon history``: an agent's history as terminal sparklines, or a PNG via matplotlib.
+
+Sparklines are time-bucketed: each character covers an equal slice of the time span and
+shows the mean of the points in it (blank where there were none, e.g. while the agent
+was offline); with fewer points than columns, the chart is as wide as the point count.
+Each row is scaled from 0 to its own maximum.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from chiffon_worker.errors import ChiffonError
+from chiffon_worker.orchestrator.registry import HistoryPoint
+from chiffon_worker.orchestrator.status import format_age
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+#: (label, unit, value of a point)
+SERIES: tuple[tuple[str, str, Callable[[HistoryPoint], float]], ...] = (
+    ("load 1m", "", lambda p: p.cpu_load_1min),
+    ("cores free", "", lambda p: p.cpu_cores_available),
+    ("mem avail", " GiB", lambda p: p.memory_available_gb),
+    ("vram avail", " GiB", lambda p: p.gpu_vram_available_gb),
+)
+
+
+def bucket_means(times: Sequence[float], values: Sequence[float], width: int
+                 ) -> list[float | None]:
+    """Means of ``values`` in ``width`` equal time slices from first to last time."""
+    if not times:
+        return []
+    start, end = times[0], times[-1]
+    span = end - start
+    sums = [0.0] * width
+    counts = [0] * width
+    for moment, value in zip(times, values, strict=True):
+        index = 0 if span <= 0 else min(width - 1, int((moment - start) / span * width))
+        sums[index] += value
+        counts[index] += 1
+    if span <= 0:
+        return [sums[0] / counts[0]]
+    return [s / c if c else None for s, c in zip(sums, counts, strict=True)]
+
+
+def sparkline(values: Sequence[float | None], top: float | None = None) -> str:
+    """Unicode blocks for ``values`` scaled 0..``top`` (default: their max); None -> space."""
+    present = [v for v in values if v is not None]
+    ceiling = top if top is not None else max(present, default=0.0)
+    out = []
+    for value in values:
+        if value is None:
+            out.append(" ")
+        elif ceiling <= 0:
+            out.append(BLOCKS[0])
+        else:
+            level = round(max(0.0, min(1.0, value / ceiling)) * (len(BLOCKS) - 1))
+            out.append(BLOCKS[level])
+    return "".join(out)
+
+
+def render_history(title: str, points: Sequence[HistoryPoint], width: int = 60) -> str:
+    """A title line, then one sparkline per series with min, max and last values."""
+    if not points:
+        return f"{title}: no history yet"
+    times = [p.received_at for p in points]
+    start, end = time.localtime(times[0]), time.localtime(times[-1])
+    fmt = "%Y-%m-%d %H:%M:%S"
+    lines = [f"{title}: {len(points)} points, {time.strftime(fmt, start)} -> "
+             f"{time.strftime(fmt, end)} ({format_age(times[-1] - times[0])})"]
+    label_width = max(len(label) for label, _, _ in SERIES)
+    columns = min(width, len(points))  # fewer points than columns: about one per column
+    for label, unit, value_of in SERIES:
+        values = [value_of(p) for p in points]
+        line = sparkline(bucket_means(times, values, columns))
+        lines.append(f"{label.ljust(label_width)}  {line}  min {min(values):.2f}{unit}  "
+                     f"max {max(values):.2f}{unit}  last {values[-1]:.2f}{unit}")
+    return "\n".join(lines)
+
+
+def save_png(title: str, points: Sequence[HistoryPoint], path: Path) -> None:
+    """Plot the series to ``path`` with matplotlib (optional; ChiffonError if absent)."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError:
+        raise ChiffonError("--png needs matplotlib (pip install matplotlib); "
+                           "without it, omit --png for a terminal chart") from None
+    matplotlib.use("Agg")
+    pyplot = importlib.import_module("matplotlib.pyplot")
+    figure, axes = pyplot.subplots(len(SERIES), 1, sharex=True, figsize=(10, 8))
+    times = [p.received_at - points[-1].received_at for p in points] if points else []
+    for axis, (label, unit, value_of) in zip(axes, SERIES, strict=True):
+        axis.plot(times, [value_of(p) for p in points])
+        axis.set_ylabel(label + unit)
+    axes[-1].set_xlabel("seconds before the newest heartbeat")
+    figure.suptitle(title)
+    try:
+        figure.savefig(path)
+    except OSError as exc:
+        raise ChiffonError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        pyplot.close(figure)

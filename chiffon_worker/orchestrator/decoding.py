@@ -1,0 +1,156 @@
+"""Heartbeat message bodies -> snapshot dicts, or a rejection with a reason.
+
+Two shapes are accepted on ``chiffon.heartbeats``:
+
+- a Celery task message (protocol v2, JSON serializer): ``headers["task"]`` is
+  ``chiffon.heartbeat`` and the body is ``[args, kwargs, embed]`` with the snapshot as the
+  single positional argument;
+- a bare JSON snapshot object (for publishers that are not Celery).
+
+Only JSON is read (pickle and anything else is refused unread), compressed bodies are
+refused, and bodies over ``protocol.MAX_MESSAGE_BYTES`` are refused before parsing.
+This module only decodes; schema validation is ``protocol.validate_snapshot``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from chiffon_worker.errors import ChiffonError
+from chiffon_worker.protocol import MAX_MESSAGE_BYTES
+
+HEARTBEAT_TASK = "chiffon.heartbeat"
+HEARTBEAT_QUEUE = "chiffon.heartbeats"
+_JSON_TYPES = frozenset({"application/json", "text/plain", ""})
+
+# rejection reasons (label values of chiffon_heartbeats_rejected_total)
+TOO_LARGE = "too_large"
+UNSUPPORTED_CONTENT = "unsupported_content"
+WRONG_TASK = "wrong_task"
+NOT_JSON = "not_json"
+BAD_ENVELOPE = "bad_envelope"
+SCHEMA_VERSION = "schema_version"
+INVALID = "invalid"
+UNSIGNED = "unsigned"
+FORGED = "forged"
+REPLAYED = "replayed"
+REJECT_REASONS = (TOO_LARGE, UNSUPPORTED_CONTENT, WRONG_TASK, NOT_JSON, BAD_ENVELOPE,
+                  SCHEMA_VERSION, INVALID, UNSIGNED, FORGED, REPLAYED)
+
+
+class HeartbeatRejected(ChiffonError):
+    """A heartbeat message is dropped: ``reason`` is a short label, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str, agent_id: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.agent_id = agent_id
+        who = f" from {agent_id!r}" if agent_id else ""
+        super().__init__(f"heartbeat{who} rejected ({reason}): {detail}")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_TASK_PREFIX = "[[{"
+
+
+class Decoded(NamedTuple):
+    """A decoded heartbeat: the snapshot dict and its JSON text exactly as received."""
+
+    snapshot: dict[str, Any]
+    text: str
+
+
+def decode_heartbeat(body: bytes | str, headers: Mapping[str, Any] | None,
+                     content_type: str | None, content_encoding: str | None = None
+                     ) -> Decoded:
+    """The snapshot carried by one message (not yet validated), with its JSON text.
+
+    ``body`` is the raw message body; ``headers`` and ``content_type`` its AMQP
+    properties. Raises :class:`HeartbeatRejected` for anything that is not a heartbeat.
+    """
+    size = len(body)
+    if size > MAX_MESSAGE_BYTES:
+        raise HeartbeatRejected(TOO_LARGE, f"{size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    if (content_type or "") not in _JSON_TYPES:
+        raise HeartbeatRejected(UNSUPPORTED_CONTENT,
+                                f"content type {content_type!r} (only JSON is read)")
+    if content_encoding not in (None, "", "utf-8", "utf8", "binary"):
+        raise HeartbeatRejected(UNSUPPORTED_CONTENT, f"content encoding {content_encoding!r}")
+    task = None
+    if headers:
+        if headers.get("compression"):
+            raise HeartbeatRejected(UNSUPPORTED_CONTENT, "compressed bodies are not read")
+        task = headers.get("task")
+        if task is not None and task != HEARTBEAT_TASK:
+            raise HeartbeatRejected(WRONG_TASK, f"task {str(task)[:100]!r} is not "
+                                                f"{HEARTBEAT_TASK}")
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes | bytearray) else body
+    except UnicodeDecodeError as exc:
+        raise HeartbeatRejected(NOT_JSON, f"body is not UTF-8: {exc}") from None
+    try:
+        if text.startswith(_TASK_PREFIX):
+            fast = _task_fast_path(text)
+            if fast is not None:
+                return fast
+        value = _DECODER.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise HeartbeatRejected(NOT_JSON, f"body is not JSON: {str(exc)[:200]}") from None
+    if isinstance(value, list):  # Celery protocol v2: [args, kwargs, embed]
+        if len(value) != 3 or not isinstance(value[0], list):
+            raise HeartbeatRejected(BAD_ENVELOPE, "a task body must be [args, kwargs, embed]")
+        args = value[0]
+        if len(args) != 1 or not isinstance(args[0], dict):
+            raise HeartbeatRejected(BAD_ENVELOPE, "chiffon.heartbeat takes exactly one "
+                                                  "argument: the snapshot object")
+        snapshot: dict[str, Any] = args[0]
+        return Decoded(snapshot, json.dumps(snapshot, separators=(",", ":")))
+    if isinstance(value, dict):
+        if task is not None:  # protocol v1 or a stray shape under a task header
+            raise HeartbeatRejected(BAD_ENVELOPE, "task messages must use Celery protocol 2")
+        return Decoded(value, text)
+    raise HeartbeatRejected(BAD_ENVELOPE,
+                            f"body is a JSON {type(value).__name__}, not a snapshot")
+
+
+def _task_fast_path(text: str) -> Decoded | None:
+    """``[[{snapshot}], kwargs, embed]`` decoded in place, keeping the snapshot's text.
+
+    Returns None when the body has another shape (the caller then parses it whole and
+    explains what is wrong).
+    """
+    snapshot, end = _DECODER.raw_decode(text, 2)
+    try:
+        tail = _DECODER.decode("[[" + text[end:])  # "[[], kwargs, embed]" if one argument
+    except ValueError:
+        return None
+    if len(tail) != 3 or tail[0] != []:
+        return None
+    return Decoded(snapshot, text[2:end])
+
+
+def expires_at(headers: Mapping[str, Any] | None) -> float | None:
+    """The Celery ``expires`` header as unix seconds, or None when absent or unreadable."""
+    if not headers:
+        return None
+    value = headers.get("expires")
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:  # Celery sends aware times; naive ones are taken as UTC
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    return None

@@ -1,0 +1,136 @@
+"""Liveness and heartbeat sequencing: pure functions, no I/O, no clock reads.
+
+Times are unix seconds (float). "Receipt time" is when the orchestrator received a
+heartbeat; it alone decides liveness, so a skewed agent clock cannot make an agent look
+alive or dead. The agent's own ``collected_at`` is only compared with the receipt time to
+flag clock skew.
+
+Sequencing per agent, given the last accepted heartbeat (``SeqState``):
+
+- no previous heartbeat                          -> ``FIRST``
+- ``boot_id`` of an earlier, superseded boot     -> ``STALE_BOOT`` (ignored)
+- a new ``boot_id``                              -> ``RESTART``
+- same ``boot_id``, later ``started_at``         -> ``RESTART`` (the process restarted and
+  its ``seq`` was reset while the boot id was kept, e.g. ``CHIFFON_BOOT_ID`` pinned)
+- same ``boot_id``, earlier ``started_at``       -> ``OUT_OF_ORDER`` (an older process)
+- same boot and process, ``seq == last + 1``     -> ``NEXT``
+- ``seq > last + 1``                             -> ``GAP`` (``seq - last - 1`` missed)
+- ``seq == last``                                -> ``DUPLICATE`` (ignored)
+- ``seq < last``                                 -> ``OUT_OF_ORDER`` (ignored)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+#: Smallest clock-skew threshold, seconds.
+MIN_SKEW_THRESHOLD_SECONDS = 5.0
+#: How many superseded boot ids are remembered per agent (to ignore their late heartbeats).
+MAX_PAST_BOOT_IDS = 8
+
+State = Literal["online", "offline"]
+
+
+class Verdict(StrEnum):
+    """How a heartbeat relates to the last accepted one of the same agent."""
+
+    FIRST = "first"
+    NEXT = "next"
+    GAP = "gap"
+    RESTART = "restart"
+    DUPLICATE = "duplicate"
+    OUT_OF_ORDER = "out_of_order"
+    STALE_BOOT = "stale_boot"
+
+    @property
+    def accepted(self) -> bool:
+        """Whether a heartbeat with this verdict updates the registry."""
+        return self in _ACCEPTED
+
+
+_ACCEPTED = frozenset({Verdict.FIRST, Verdict.NEXT, Verdict.GAP, Verdict.RESTART})
+
+
+@dataclass(frozen=True, slots=True)
+class SeqState:
+    """What sequencing remembers of an agent's last accepted heartbeat.
+
+    ``started_at`` is the agent process's start (unix seconds, its own clock);
+    ``past_boot_ids`` are superseded boots, newest first, at most ``MAX_PAST_BOOT_IDS``.
+    """
+
+    boot_id: str
+    started_at: float
+    seq: int
+    past_boot_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sequencing:
+    """The verdict on one heartbeat and how many sequence numbers it shows were missed."""
+
+    verdict: Verdict
+    missed: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the heartbeat updates the registry."""
+        return self.verdict.accepted
+
+
+def sequence(prev: SeqState | None, boot_id: str, started_at: float, seq: int) -> Sequencing:
+    """Classify a heartbeat (``boot_id``, ``started_at`` s, ``seq``) against ``prev``."""
+    if prev is None:
+        return Sequencing(Verdict.FIRST)
+    if boot_id != prev.boot_id:
+        if boot_id in prev.past_boot_ids:
+            return Sequencing(Verdict.STALE_BOOT)
+        return Sequencing(Verdict.RESTART)
+    if started_at > prev.started_at:
+        return Sequencing(Verdict.RESTART)
+    if started_at < prev.started_at:
+        return Sequencing(Verdict.OUT_OF_ORDER)
+    if seq == prev.seq + 1:
+        return Sequencing(Verdict.NEXT)
+    if seq > prev.seq:
+        return Sequencing(Verdict.GAP, missed=seq - prev.seq - 1)
+    if seq == prev.seq:
+        return Sequencing(Verdict.DUPLICATE)
+    return Sequencing(Verdict.OUT_OF_ORDER)
+
+
+def advance(prev: SeqState | None, boot_id: str, started_at: float, seq: int) -> SeqState:
+    """The state after accepting a heartbeat; a new boot pushes the old one onto the past."""
+    if prev is None:
+        return SeqState(boot_id, started_at, seq)
+    past = prev.past_boot_ids
+    if boot_id != prev.boot_id:
+        past = (prev.boot_id, *(b for b in past if b != boot_id))[:MAX_PAST_BOOT_IDS]
+    return SeqState(boot_id, started_at, seq, past)
+
+
+def skew_threshold(interval_seconds: float) -> float:
+    """Clock skew (seconds) beyond which an agent is flagged: ``max(5 s, interval)``."""
+    return max(MIN_SKEW_THRESHOLD_SECONDS, interval_seconds)
+
+
+def clock_skew(collected_at: float, received_at: float, interval_seconds: float) -> float | None:
+    """``collected_at - received_at`` in seconds when beyond the threshold, else None.
+
+    Positive: the agent's clock runs ahead; negative: behind (or the message waited in a
+    queue). Liveness ignores it either way and uses the receipt time.
+    """
+    skew = collected_at - received_at
+    return skew if abs(skew) > skew_threshold(interval_seconds) else None
+
+
+def is_online(last_received_at: float, timeout_seconds: float, now: float) -> bool:
+    """Online while the newest heartbeat (receipt time) is younger than ``timeout_seconds``."""
+    return now - last_received_at < timeout_seconds
+
+
+def state_of(last_received_at: float, timeout_seconds: float, now: float) -> State:
+    """``"online"`` or ``"offline"`` per :func:`is_online`."""
+    return "online" if is_online(last_received_at, timeout_seconds, now) else "offline"

@@ -1,0 +1,96 @@
+"""``chiffon orchestrator``: consumer + registry + liveness + ``/metrics`` in one process.
+
+The consumer runs in the calling thread; the metrics server in a daemon thread.
+SIGTERM and SIGINT ask the consumer to stop: it commits and acks what it holds, closes
+the broker connection, and :func:`run_orchestrator` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from chiffon_worker.config import Config, mask_url
+from chiffon_worker.orchestrator.consumer import HeartbeatConsumer
+from chiffon_worker.orchestrator.decoding import HEARTBEAT_QUEUE
+from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
+from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Orchestrator:
+    """The orchestrator's parts wired together; :meth:`run` blocks until :meth:`stop`.
+
+    ``metrics_port``: TCP port for ``/metrics`` (0: no HTTP server; None: from config).
+    """
+
+    def __init__(self, config: Config, *, metrics_port: int | None = None,
+                 queue: str = HEARTBEAT_QUEUE, metrics_addr: str = "0.0.0.0") -> None:
+        self.config = config
+        self.metrics_port = config.metrics_port if metrics_port is None else metrics_port
+        self.metrics_addr = metrics_addr
+        self.queue = queue
+        self.registry: Registry | None = None
+        self.consumer: HeartbeatConsumer | None = None
+        self.metrics: MetricsServer | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from signal handlers and other threads)."""
+        self._stop.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    def run(self) -> None:
+        """Open the registry, serve metrics, consume until stopped; always cleans up."""
+        self.registry = Registry.from_config(self.config)
+        try:
+            trimmed = self.registry.trim_history()
+            if trimmed:
+                log.info("dropped %d history points beyond the kept %d per agent", trimmed,
+                         self.registry.history_points)
+            ingestor = Ingestor(self.registry, secret=self.config.heartbeat_secret)
+            self.consumer = HeartbeatConsumer(self.config.effective_broker_url, ingestor,
+                                              queue=self.queue)
+            if self.metrics_port:
+                self.metrics = MetricsServer(
+                    OrchestratorCollector(self.registry, ingestor.stats), self.metrics_port,
+                    self.metrics_addr)
+            log.info("orchestrator: broker %s, registry %s, heartbeats %s, metrics %s, "
+                     "signed heartbeats %s", mask_url(self.config.effective_broker_url),
+                     self.registry.masked_url, self.queue,
+                     f"port {self.metrics.port}" if self.metrics else "off",
+                     "required" if self.config.heartbeat_secret else "not required")
+            if self._stop.is_set():
+                return
+            self.consumer.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the metrics server and release the registry."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.registry is not None:
+            self.registry.close()
+        log.info("orchestrator stopped")
+
+
+def run_orchestrator(orchestrator: Orchestrator) -> None:
+    """Run ``orchestrator`` in the main thread, stopping cleanly on SIGTERM or SIGINT."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        orchestrator.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        orchestrator.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,44 @@
+"""Counters of the heartbeat consumer, read by the Prometheus exporter.
+
+One thread (the consumer) writes; the exporter reads copies. Plain integers under the
+GIL are enough: a scrape may see a value one message old, never a torn one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IngestStats:
+    """Running totals since the orchestrator started (counts; seconds where named)."""
+
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    ignored: Counter[str] = field(default_factory=Counter)
+    restarts: int = 0
+    gaps: int = 0
+    missed: int = 0
+    clock_skewed: int = 0
+    batches: int = 0
+    write_seconds: float = 0.0
+    write_errors: int = 0
+    connection_losses: int = 0
+
+    def copy(self) -> IngestStats:
+        """An independent copy (for a scrape)."""
+        return IngestStats(self.accepted, Counter(self.rejected), Counter(self.ignored),
+                           self.restarts, self.gaps, self.missed, self.clock_skewed,
+                           self.batches, self.write_seconds, self.write_errors,
+                           self.connection_losses)
+
+    @property
+    def rejected_total(self) -> int:
+        """Messages rejected for any reason."""
+        return sum(self.rejected.values())
+
+    @property
+    def ignored_total(self) -> int:
+        """Valid heartbeats that did not update the registry (duplicates, stale, expired)."""
+        return sum(self.ignored.values())

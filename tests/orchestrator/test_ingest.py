@@ -1,0 +1,170 @@
+"""Judging messages before they reach the registry (no broker: raw bodies in, outcomes out)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.orchestrator.status import status_object
+from chiffon_worker.signing import sign_snapshot
+
+from .snapshots import make_snapshot
+
+SECRET = "s3cret"
+TASK = {"task": "chiffon.heartbeat", "id": "t-1"}
+
+
+def task_body(snapshot: Any) -> bytes:
+    return json.dumps([[snapshot], {}, {"callbacks": None}]).encode()
+
+
+def judge(ingestor: Ingestor, body: bytes | str, headers: dict[str, Any] | None = None,
+          content_type: str = "application/json", **kwargs: Any) -> tuple[str, str]:
+    outcome = ingestor.handle_message(body, TASK if headers is None else headers,
+                                      content_type, "utf-8", **kwargs)
+    return outcome.kind, outcome.reason
+
+
+@pytest.fixture
+def ingestor(sqlite_registry: Registry) -> Ingestor:
+    return Ingestor(sqlite_registry)
+
+
+@pytest.fixture
+def signed_ingestor(sqlite_registry: Registry) -> Ingestor:
+    return Ingestor(sqlite_registry, secret=SECRET)
+
+
+def test_a_celery_task_message_and_a_bare_snapshot_are_both_accepted(
+        ingestor: Ingestor) -> None:
+    assert judge(ingestor, task_body(make_snapshot("a1"))) == ("accepted", "")
+    assert judge(ingestor, json.dumps(make_snapshot("a2")), headers={}) == ("accepted", "")
+    ingestor.flush()
+    assert [r.agent_id for r in ingestor.registry.agents()] == ["a1", "a2"]
+
+
+@pytest.mark.parametrize(("body", "headers", "content_type", "reason"), [
+    pytest.param(b"\x80\x03}q\x00.", TASK, "application/x-python-serialize",
+                 "unsupported_content", id="pickle is never read"),
+    pytest.param(task_body(make_snapshot()), {**TASK, "compression": "application/x-gzip"},
+                 "application/json", "unsupported_content", id="compressed"),
+    pytest.param(b"{not json", TASK, "application/json", "not_json", id="not JSON"),
+    pytest.param(b'{"a": NaN}', {}, "application/json", "not_json", id="NaN is not JSON"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, {}, "application/json", "not_json",
+                 id="absurd nesting"),
+    pytest.param(task_body(make_snapshot()), {**TASK, "task": "celery.ping"},
+                 "application/json", "wrong_task", id="another task"),
+    pytest.param(json.dumps([[make_snapshot(), 2], {}, {}]).encode(), TASK,
+                 "application/json", "bad_envelope", id="two arguments"),
+    pytest.param(b'"just a string"', {}, "application/json", "bad_envelope",
+                 id="a JSON string"),
+    pytest.param(b"x" * (2 << 20), {}, "application/json", "too_large", id="2 MiB"),
+    pytest.param(task_body(make_snapshot(schema=2)), TASK, "application/json",
+                 "schema_version", id="a newer schema"),
+    pytest.param(task_body({k: v for k, v in make_snapshot().items() if k != "seq"}), TASK,
+                 "application/json", "invalid", id="missing key"),
+    pytest.param(task_body(make_snapshot(cpu_cores_physical="8")), TASK, "application/json",
+                 "invalid", id="wrong type"),
+    pytest.param(task_body(make_snapshot(memory_available_gb=-1.0)), TASK,
+                 "application/json", "invalid", id="negative number"),
+    pytest.param(task_body(make_snapshot(hostname="evil\x00host")), TASK,
+                 "application/json", "invalid", id="NUL in a text column"),
+    pytest.param(task_body(make_snapshot(boot_id="\ud800")), TASK, "application/json",
+                 "invalid", id="lone surrogate in a text column"),
+    pytest.param(task_body(make_snapshot(seq=1 << 63)), TASK, "application/json",
+                 "invalid", id="seq beyond 64 bits"),
+    pytest.param(task_body(make_snapshot(cpu_cores_physical=1 << 31)), TASK,
+                 "application/json", "invalid", id="cores beyond 32 bits"),
+])
+def test_a_malformed_message_is_rejected_with_its_reason_and_counted(
+        ingestor: Ingestor, body: bytes, headers: dict[str, Any], content_type: str,
+        reason: str) -> None:
+    assert judge(ingestor, body, headers, content_type) == ("rejected", reason)
+    assert ingestor.stats.rejected[reason] == 1
+    assert ingestor.pending == 0
+
+
+def test_rejections_are_logged_once_per_message_but_rate_limited(
+        ingestor: Ingestor, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "chiffon_worker.orchestrator.ingest")
+    for _ in range(50):
+        judge(ingestor, b"{not json")
+    assert ingestor.stats.rejected["not_json"] == 50
+    assert 1 <= len(caplog.records) <= 10
+    assert "rejected (not_json)" in caplog.records[0].getMessage()
+
+
+def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Ingestor) -> None:
+    now = time.time()
+    assert judge(ingestor, task_body(make_snapshot(seq=5)), received_at=now)[0] == "accepted"
+    assert judge(ingestor, task_body(make_snapshot(seq=5))) == ("ignored", "duplicate")
+    assert judge(ingestor, task_body(make_snapshot(seq=3))) == ("ignored", "out_of_order")
+    assert judge(ingestor, task_body(make_snapshot(seq=4)), redelivered=True) == (
+        "ignored", "redelivered")
+    expired = {**TASK, "expires": "2020-01-01T00:00:00+00:00"}
+    assert judge(ingestor, task_body(make_snapshot(seq=6)), expired) == ("ignored", "expired")
+    assert ingestor.stats.accepted == 1
+    assert sum(ingestor.stats.ignored.values()) == 4
+
+
+def test_a_restart_is_counted_and_heartbeats_from_the_old_boot_are_ignored(
+        ingestor: Ingestor) -> None:
+    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old")))
+    assert judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new",
+                                                   started_at=2e9))) == ("accepted", "")
+    assert judge(ingestor, task_body(make_snapshot(seq=10, boot_id="old"))) == (
+        "ignored", "stale_boot")
+    assert ingestor.stats.restarts == 1
+
+
+def test_gaps_count_the_missed_sequence_numbers(ingestor: Ingestor) -> None:
+    for seq in (1, 2, 5, 6, 10):
+        judge(ingestor, task_body(make_snapshot(seq=seq)))
+    assert (ingestor.stats.gaps, ingestor.stats.missed) == (2, 5)
+
+
+def test_clock_skew_is_kept_but_liveness_uses_the_receipt_time(ingestor: Ingestor) -> None:
+    now = time.time()
+    judge(ingestor, task_body(make_snapshot(collected_at=now + 120)), received_at=now)
+    ingestor.flush()
+    [record] = ingestor.registry.agents()
+    assert record.clock_skew_seconds == pytest.approx(120)
+    assert record.last_seen == now
+    assert ingestor.stats.clock_skewed == 1
+
+
+def test_with_a_secret_only_correctly_signed_heartbeats_are_accepted(
+        signed_ingestor: Ingestor) -> None:
+    good = sign_snapshot(make_snapshot(seq=1), SECRET)
+    assert judge(signed_ingestor, task_body(make_snapshot(seq=2))) == ("rejected", "unsigned")
+    forged = {**sign_snapshot(make_snapshot(seq=2), "guess"), "seq": 2}
+    assert judge(signed_ingestor, task_body(forged)) == ("rejected", "forged")
+    tampered = {**sign_snapshot(make_snapshot(seq=2), SECRET), "gpu_vram_available_gb": 23.0}
+    assert judge(signed_ingestor, task_body(tampered)) == ("rejected", "forged")
+    assert judge(signed_ingestor, task_body(good)) == ("accepted", "")
+    assert judge(signed_ingestor, task_body(good)) == ("rejected", "replayed")
+    assert signed_ingestor.stats.accepted == 1
+    signed_ingestor.flush()
+    [record] = signed_ingestor.registry.agents(with_snapshot=True)
+    assert record.snapshot == good, "stored as received, verifiable later"
+    assert "signature" not in status_object(record, time.time()), "but not shown"
+
+
+def test_a_replayed_old_boot_is_rejected_when_signing_is_on(signed_ingestor: Ingestor) -> None:
+    old = sign_snapshot(make_snapshot(seq=50, boot_id="old"), SECRET)
+    new = sign_snapshot(make_snapshot(seq=1, boot_id="new", started_at=2e9), SECRET)
+    assert judge(signed_ingestor, task_body(old))[0] == "accepted"
+    assert judge(signed_ingestor, task_body(new))[0] == "accepted"
+    assert judge(signed_ingestor, task_body(old)) == ("rejected", "replayed")
+    assert signed_ingestor.stats.rejected["replayed"] == 1
+
+
+def test_without_a_secret_a_signature_is_ignored(ingestor: Ingestor) -> None:
+    signed = sign_snapshot(make_snapshot(seq=1), "whatever")
+    assert judge(ingestor, task_body(signed)) == ("accepted", "")

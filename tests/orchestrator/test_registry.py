@@ -1,0 +1,168 @@
+"""The registry, the same suite on SQLite (tmp_path) and on the machine's PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import insert
+
+from chiffon_worker.errors import RegistryError
+from chiffon_worker.orchestrator import tables
+from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.registry import Registry
+
+from .conftest import RegistryFactory
+from .snapshots import make_snapshot
+
+pytestmark = pytest.mark.integration
+T0 = float(int(time.time()))  # receipt times near the snapshots' collected_at
+
+
+def feed(registry: Registry, *snapshots: dict, start: float = T0, step: float = 30.0
+         ) -> Ingestor:
+    """Ingest ``snapshots`` received ``step`` seconds apart from ``start``; one batch."""
+    ingestor = Ingestor(registry)
+    for n, snap in enumerate(snapshots):
+        ingestor.handle_snapshot(snap, received_at=start + n * step)
+    ingestor.flush()
+    return ingestor
+
+
+def test_a_new_registry_creates_its_tables_at_the_current_schema_version(
+        registry: Registry) -> None:
+    assert registry.schema_version() == tables.SCHEMA_VERSION
+    assert registry.agents() == []
+
+
+def test_one_row_per_agent_holds_identity_sequencing_and_the_newest_snapshot(
+        registry: Registry) -> None:
+    feed(registry, make_snapshot("a1", seq=1, collected_at=T0),
+         make_snapshot("a1", seq=2, vram_available_gb=3.5, collected_at=T0 + 30))
+    [record] = registry.agents(with_snapshot=True)
+    assert (record.agent_id, record.hostname, record.pool) == ("a1", "host-a1", "desktop_pool_1")
+    assert (record.first_seen, record.last_seen) == (T0, T0 + 30)
+    assert (record.boot_id, record.seq, record.restarts, record.missed) == ("boot-a1", 2, 0, 0)
+    assert record.gpu_vram_available_gb == 3.5
+    assert record.snapshot["gpu_vram_available_gb"] == 3.5
+    assert record.snapshot["gpus"][0]["name"] == "NVIDIA GeForce RTX 4090"
+    assert record.clock_skew_seconds is None
+
+
+def test_unicode_text_and_extreme_but_valid_numbers_round_trip(registry: Registry) -> None:
+    feed(registry, make_snapshot("a1", hostname="wörkstätion-東京", seq=(1 << 63) - 1,
+                                 cores_physical=(1 << 31) - 1, started_at=1e300,
+                                 load_1min=1e-300, gpus_note="\x00 in nested JSON is fine"))
+    record = registry.agent("a1")
+    assert record is not None
+    assert record.hostname == "wörkstätion-東京"
+    assert (record.seq, record.cpu_cores_physical) == ((1 << 63) - 1, (1 << 31) - 1)
+    assert (record.started_at, record.cpu_load_1min) == (1e300, 1e-300)
+    assert record.snapshot["gpus_note"] == "\x00 in nested JSON is fine"
+
+
+def test_first_seen_survives_later_batches_and_everything_survives_a_reopen(
+        registry_factory: RegistryFactory) -> None:
+    first = registry_factory()
+    feed(first, make_snapshot("a1", seq=1, collected_at=T0))
+    feed(first, make_snapshot("a1", seq=2, collected_at=T0 + 300), start=T0 + 300)
+    first.close()
+    reopened = registry_factory()
+    record = reopened.agent("a1")
+    assert record is not None
+    assert (record.first_seen, record.last_seen, record.seq) == (T0, T0 + 300, 2)
+    assert reopened.history("a1")[-1].received_at == T0 + 300
+
+
+def test_sequencing_state_is_reloaded_so_a_replayed_heartbeat_stays_ignored_after_restart(
+        registry_factory: RegistryFactory) -> None:
+    feed(registry_factory(), make_snapshot("a1", seq=5, collected_at=T0))
+    ingestor = Ingestor(registry_factory())
+    outcome = ingestor.handle_snapshot(make_snapshot("a1", seq=5), received_at=T0 + 60)
+    assert (outcome.kind, outcome.reason) == ("ignored", "duplicate")
+
+
+def test_restarts_and_missed_heartbeats_are_counted_per_agent(registry: Registry) -> None:
+    feed(registry,
+         make_snapshot("a1", seq=1), make_snapshot("a1", seq=2), make_snapshot("a1", seq=6),
+         make_snapshot("a1", seq=1, boot_id="boot-2", started_at=T0 + 200),
+         make_snapshot("a1", seq=3, boot_id="boot-2", started_at=T0 + 200))
+    record = registry.agent("a1")
+    assert record is not None
+    assert (record.boot_id, record.seq, record.restarts, record.missed) == ("boot-2", 3, 1, 4)
+    assert record.past_boot_ids == ("boot-a1",)
+
+
+def test_history_is_a_bounded_ring_returned_oldest_first(
+        registry_factory: RegistryFactory) -> None:
+    registry = registry_factory(history_points=5)
+    snaps = [make_snapshot("a1", seq=n, load_1min=float(n)) for n in range(1, 13)]
+    ingestor = Ingestor(registry)
+    for n, snap in enumerate(snaps):  # several batches, wrapping the ring twice
+        ingestor.handle_snapshot(snap, received_at=T0 + n)
+        if n % 4 == 3:
+            ingestor.flush()
+    ingestor.flush()
+    points = registry.history("a1")
+    assert [p.cpu_load_1min for p in points] == [8.0, 9.0, 10.0, 11.0, 12.0]
+    assert [p.received_at for p in points] == sorted(p.received_at for p in points)
+
+
+def test_lowering_history_points_trims_the_extra_slots(
+        registry_factory: RegistryFactory) -> None:
+    feed(registry_factory(), *(make_snapshot("a1", seq=n) for n in range(1, 11)))
+    smaller = registry_factory(history_points=3)
+    assert smaller.trim_history() == 7
+    assert len(smaller.history("a1")) == 3
+
+
+def test_agents_can_be_listed_by_pool_and_forgotten(registry: Registry) -> None:
+    feed(registry, make_snapshot("a1", pool="p1"), make_snapshot("a2", pool="p2"),
+         make_snapshot("a3", pool="p1"))
+    assert [r.agent_id for r in registry.agents("p1")] == ["a1", "a3"]
+    assert registry.forget("a1") is True
+    assert registry.forget("a1") is False
+    assert registry.agent("a1") is None
+    assert registry.history("a1") == []
+    assert [r.agent_id for r in registry.agents()] == ["a3", "a2"]  # by pool, then id
+
+
+def test_liveness_uses_receipt_time_and_the_agents_own_timeout(registry: Registry) -> None:
+    feed(registry, make_snapshot("fast", timeout=10.0, collected_at=T0 - 3600),
+         make_snapshot("slow", timeout=600.0), step=0.0)
+    by_id = {r.agent_id: r for r in registry.agents()}
+    assert by_id["fast"].clock_skew_seconds == pytest.approx(-3600)
+    assert by_id["fast"].state(T0 + 9) == "online"
+    assert by_id["fast"].state(T0 + 11) == "offline"
+    assert by_id["slow"].state(T0 + 300) == "online"
+
+
+def test_a_registry_written_by_a_newer_chiffon_is_refused(
+        registry_factory: RegistryFactory) -> None:
+    registry = registry_factory()
+    with registry.engine.begin() as conn:
+        conn.execute(insert(tables.schema_version),
+                     {"version": tables.SCHEMA_VERSION + 1, "applied_at": time.time()})
+    with pytest.raises(RegistryError, match="newer than this chiffon"):
+        registry_factory()
+
+
+def test_a_failed_batch_stores_nothing_and_leaves_earlier_data_intact(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    feed(registry, make_snapshot("a1", seq=1))
+    ingestor = Ingestor(registry)
+    ingestor.handle_snapshot(make_snapshot("a1", seq=2), received_at=T0 + 30)
+    ingestor.handle_snapshot(make_snapshot("a2", seq=1), received_at=T0 + 30)
+    batches: list[tuple] = []
+    monkeypatch.setattr(registry, "write_batch", lambda a, h: batches.append((a, h)))
+    ingestor.flush()
+    monkeypatch.undo()
+    agent_rows, history_rows = batches[0]
+    broken = [*history_rows, {"agent_id": "a2", "slot": 1}]  # NOT NULL columns missing
+    with pytest.raises(RegistryError, match="cannot write registry"):
+        registry.write_batch(agent_rows, broken)
+    assert [r.agent_id for r in registry.agents()] == ["a1"]
+    record = registry.agent("a1")
+    assert record is not None and record.seq == 1
+    registry.write_batch(agent_rows, history_rows)  # the registry still works
+    assert [r.agent_id for r in registry.agents()] == ["a1", "a2"]
