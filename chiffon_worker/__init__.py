@@ -14,7 +14,10 @@ __all__ = ["__version__", "app"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "app":
+    # "celery" too: once the submodule ``chiffon_worker.app`` is imported, the package
+    # attribute ``app`` is that module, and Celery's ``-A chiffon_worker`` then looks for
+    # ``chiffon_worker.celery``
+    if name in ("app", "celery"):
         from chiffon_worker.app import get_app
 
         return get_app()

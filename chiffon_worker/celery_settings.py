@@ -52,7 +52,10 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "task_default_exchange": config.pool_queue,
         "task_default_routing_key": config.pool_queue,
         "task_routes": {
-            HEARTBEAT_TASK: {"queue": heartbeat_queue()},
+            # through the named exchange, not Celery's default-exchange shortcut for
+            # direct queues, so more queues can be bound to receive copies of heartbeats
+            HEARTBEAT_TASK: {"queue": heartbeat_queue(), "exchange": HEARTBEAT_QUEUE,
+                             "routing_key": HEARTBEAT_QUEUE},
             EXECUTE_WORK_TASK: {"queue": config.pool_queue},
         },
         # a worker killed mid-task loses no work
@@ -65,7 +68,9 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_heartbeat": 10,
-        "broker_pool_limit": 4,
+        # Celery's default; fewer deadlocks Flower, whose parallel inspect calls (up to 8)
+        # each hold two pooled connections at once
+        "broker_pool_limit": 10,
         "broker_transport_options": {"visibility_timeout": 3600},
         "result_expires": 86400,
         "result_persistent": False,
@@ -85,5 +90,7 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "beat_max_loop_interval": max(0.5, min(5.0, config.heartbeat_interval_seconds)),
         "timezone": "UTC",
         "enable_utc": True,
-        "worker_log_format": "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",
+        # beat is a thread of the worker: name the thread, so heartbeat lines say "Beat"
+        "worker_log_format": "[%(asctime)s: %(levelname)s/%(processName)s/%(threadName)s] "
+                             "%(message)s",
     }

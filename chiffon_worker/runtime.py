@@ -1,7 +1,9 @@
 """The per-process agent used by tasks, beat and remote control.
 
-One ``DesktopAgent`` per process, created on first use. A forked child (the embedded
-beat) gets its own, because probe threads and NVML handles do not survive ``fork``.
+One ``DesktopAgent`` per process, created on first use and shared by its threads: the
+embedded beat (a thread of the worker, see ``chiffon_worker.app``), remote control and
+``execute_work``. A forked child (a prefork pool process, or Celery's stock forked beat)
+gets its own, because probe threads and NVML handles do not survive ``fork``.
 """
 
 from __future__ import annotations

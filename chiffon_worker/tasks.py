@@ -63,7 +63,9 @@ def heartbeat(snapshot: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(app: Celery) -> None:
-    """Register the tasks on ``app`` under their public names."""
+    """Register the tasks on ``app`` under their public names (on ``app`` only: Celery's
+    default, a shared task, would also put them on every app created later in the process,
+    such as a submitter's)."""
     app.task(name=EXECUTE_WORK_TASK, acks_late=True, reject_on_worker_lost=True,
-             typing=False)(execute_work)
-    app.task(name=HEARTBEAT_TASK, ignore_result=True, typing=False)(heartbeat)
+             typing=False, shared=False)(execute_work)
+    app.task(name=HEARTBEAT_TASK, ignore_result=True, typing=False, shared=False)(heartbeat)

@@ -30,19 +30,19 @@ def require_port(host: str, port: int, what: str) -> None:
         pytest.skip(message)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rabbitmq_url() -> str:
     require_port("127.0.0.1", 5672, "RabbitMQ")
     return RABBITMQ_URL
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redis_url() -> str:
     require_port("127.0.0.1", 6379, "Redis")
     return REDIS_URL
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def postgres_url() -> str:
     require_port("127.0.0.1", 5432, "PostgreSQL")
     return POSTGRES_URL

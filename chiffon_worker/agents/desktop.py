@@ -17,6 +17,11 @@ from chiffon_worker.protocol import WorkRequest, WorkResult
 log = logging.getLogger(__name__)
 
 STUB_OUTPUT = "Desktop agent phase 4 (metrics only)"
+#: Built-in work type: ``{"work_type": "sleep", "payload": {"seconds": N}}`` holds one pool
+#: slot for N seconds (at most ``MAX_SLEEP_SECONDS``) and returns ``{"slept_seconds": N}``.
+#: For testing routing, slot occupancy and redelivery end to end.
+SLEEP_WORK_TYPE = "sleep"
+MAX_SLEEP_SECONDS = 600.0
 
 
 class DesktopAgent(BaseAgent):
@@ -52,11 +57,29 @@ class DesktopAgent(BaseAgent):
         return {"gpu_compute": False, "inference": False, "training": False}
 
     def execute_work(self, request: WorkRequest) -> WorkResult:
-        """Stub: logs the work type and succeeds; real execution arrives in a later phase."""
+        """Stub: logs the work type and succeeds; real execution arrives in a later phase.
+
+        The one built-in work type, ``sleep``, holds the slot for ``payload.seconds``."""
         started = time.perf_counter()
+        if request.work_type == SLEEP_WORK_TYPE:
+            return self._sleep(request, started)
         log.info("work %s of type %s received (stub: metrics-only agent)",
                  request.work_id, request.work_type)
         return WorkResult.success(request, STUB_OUTPUT, self.agent_id,
+                                  time.perf_counter() - started)
+
+    def _sleep(self, request: WorkRequest, started: float) -> WorkResult:
+        payload = request.payload
+        seconds = payload.get("seconds") if isinstance(payload, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                or not 0 <= seconds <= MAX_SLEEP_SECONDS:
+            return WorkResult.failure(
+                request.work_id, f"sleep: payload.seconds must be a number from 0 to "
+                f"{MAX_SLEEP_SECONDS:g}, got {seconds!r}", self.agent_id,
+                time.perf_counter() - started)
+        log.info("work %s: sleeping %g s", request.work_id, seconds)
+        time.sleep(seconds)
+        return WorkResult.success(request, {"slept_seconds": seconds}, self.agent_id,
                                   time.perf_counter() - started)
 
     def close(self) -> None:

@@ -379,11 +379,6 @@ def _json(value: Any) -> Callable[[Path], bytes]:
     return lambda _marker: json.dumps(value).encode()
 
 
-_ENVELOPE_CRASH = ("a task message whose body is not [args, kwargs, embed] (or lacks the id "
-                   "header) raises in celery's Request() outside the consumer's error "
-                   "handling: 'Unrecoverable error', the agent exits, the message is requeued "
-                   "and kills it again on every restart")
-
 RAW_MESSAGES: list[RawMessage] = [
     RawMessage("pickle_content_type",
                lambda marker: pickle.dumps(((_Evil(marker),), {}, {})),
@@ -408,16 +403,15 @@ RAW_MESSAGES: list[RawMessage] = [
     RawMessage("kwargs_not_an_object", _json([[good_request("w")], [], {}]),
                "application/json"),
     RawMessage("body_is_a_json_object", _json({"work_id": "w", "work_type": "echo"}),
-               "application/json", xfail=_ENVELOPE_CRASH),
+               "application/json"),
     RawMessage("body_is_a_two_element_list", _json([[good_request("w")], {}]),
-               "application/json", xfail=_ENVELOPE_CRASH),
-    RawMessage("body_is_null", _json(None), "application/json", xfail=_ENVELOPE_CRASH),
-    RawMessage("body_is_empty", lambda _m: b"", "application/json", xfail=_ENVELOPE_CRASH),
+               "application/json"),
+    RawMessage("body_is_null", _json(None), "application/json"),
+    RawMessage("body_is_empty", lambda _m: b"", "application/json"),
     RawMessage("id_header_missing", _json([[good_request("w")], {}, {}]), "application/json",
-               headers=lambda: {"lang": "py", "task": EXECUTE_WORK}, xfail=_ENVELOPE_CRASH),
+               headers=lambda: {"lang": "py", "task": EXECUTE_WORK}),
 ]
 _SURVIVABLE = [m for m in RAW_MESSAGES if not m.xfail]
-_CRASHING = [m for m in RAW_MESSAGES if m.xfail]
 
 
 def _send_raw_then_prove_serving(agent: Agent, message: RawMessage, tmp_path: Path) -> None:
@@ -445,14 +439,3 @@ def test_agent_is_still_the_same_live_process_at_the_end(agent: Agent) -> None:
     result = agent.submit(good_request("the-end"))
     assert (result["status"], result["output"]) == ("success", STUB_OUTPUT)
     assert list(agent.cwd.iterdir()) == [], "the agent littered its working directory"
-
-
-# Last in the module: today each of these kills the agent, so each starts by restarting
-# it (after purging the poison) if an earlier one did.
-@pytest.mark.parametrize("message", [
-    pytest.param(m, id=m.id, marks=[pytest.mark.xfail(strict=True, reason=m.xfail)])
-    for m in _CRASHING])
-def test_broken_task_envelope_does_not_kill_the_agent(
-        agent: Agent, message: RawMessage, tmp_path: Path) -> None:
-    agent.ensure_running()
-    _send_raw_then_prove_serving(agent, message, tmp_path)

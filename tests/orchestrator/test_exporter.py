@@ -18,6 +18,14 @@ from .snapshots import make_snapshot
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """NOW is the start of each test: liveness is judged against the real clock, so a
+    value from import time would make these agents offline in a long suite run."""
+    global NOW
+    NOW = time.time()
+
+
 @pytest.fixture
 def served(sqlite_registry: Registry) -> Iterator[tuple[MetricsServer, Ingestor]]:
     ingestor = Ingestor(sqlite_registry)

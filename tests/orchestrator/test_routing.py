@@ -24,6 +24,14 @@ from .snapshots import make_snapshot
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    """NOW is the start of each test: liveness is judged against the real clock, so a
+    value from import time would make these agents offline in a long suite run."""
+    global NOW
+    NOW = time.time()
+
+
 @pytest.fixture
 def three_agents(sqlite_registry: Registry) -> Registry:
     """small: 4 cores, no GPU; mid: 12 GiB card with 6.1 free; big: 24 GiB with 20.5 free,
