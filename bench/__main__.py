@@ -1,0 +1,149 @@
+"""Run every benchmark and print each measure against its target.
+
+    python -m bench                 # everything, full length (the soak alone is ~11 min)
+    python -m bench --quick         # shorter runs of each (about 3 min in all)
+    python -m bench --only snapshot,ingest
+    python -m bench --report        # just the table, from the JSON already in bench/results
+
+Each benchmark is a script under ``bench/`` writing ``bench/results/<name>.json``; this
+runner starts them one after another (they measure the same machine, so never at once)
+and then reads the JSON back. Exit status 1 if a target was missed or a benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: name -> (extra arguments for a full run, for a quick run)
+BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
+    "snapshot": ([], ["--iterations", "5000"]),
+    "heartbeat": ([], ["--quick"]),
+    "ingest": (["--repeat", "3"], ["--messages", "20000"]),
+    "soak": ([], ["--quick"]),
+}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One row: where to find the value in a result file, and its target."""
+
+    benchmark: str
+    name: str
+    unit: str
+    target: str
+    read: Callable[[dict[str, Any]], float]
+    met: Callable[[float], bool]
+
+
+def _ingest(backend: str) -> Callable[[dict[str, Any]], float]:
+    def read(data: dict[str, Any]) -> float:
+        for row in data["results"]:
+            if row["backend"] == backend:
+                return float(row["heartbeats_per_second"])
+        raise KeyError(backend)
+
+    return read
+
+
+def _default_footprint(data: dict[str, Any]) -> dict[str, Any]:
+    default = data["default"]
+    for row in data["idle_footprint"]:
+        if (row["pool"], row["concurrency"], row["beat"]) == (
+                default["pool"], default["concurrency"], default["beat"]):
+            return dict(row)
+    raise KeyError("default footprint")
+
+
+MEASURES = [
+    Measure("snapshot", "snapshot p50, no GPU", "us", "<= 150",
+            lambda d: d["results"]["agent_no_gpu"]["p50_us"], lambda v: v <= 150),
+    Measure("snapshot", "snapshot p50, GPU tool hung", "us", "<= 1000",
+            lambda d: d["results"]["agent_gpu_tool_hung"]["p50_us"], lambda v: v <= 1000),
+    Measure("heartbeat", "start -> first heartbeat (median)", "s", "<= 2",
+            lambda d: d["start_to_first_heartbeat"]["seconds_median"], lambda v: v <= 2),
+    Measure("heartbeat", "beat emit -> consumer p50", "ms", "<= 10",
+            lambda d: d["latency"]["p50_ms"], lambda v: v <= 10),
+    Measure("heartbeat", "idle RSS, whole agent", "MiB", "<= 100",
+            lambda d: _default_footprint(d)["rss_mib"], lambda v: v <= 100),
+    Measure("heartbeat", "idle CPU", "% of a core", "<= 0.2",
+            lambda d: _default_footprint(d)["cpu_percent_of_one_core"], lambda v: v <= 0.2),
+    Measure("ingest", "ingest, SQLite", "heartbeats/s", ">= 5000", _ingest("sqlite"),
+            lambda v: v >= 5000),
+    Measure("ingest", "ingest, PostgreSQL", "heartbeats/s", ">= 5000", _ingest("postgresql"),
+            lambda v: v >= 5000),
+    Measure("soak", "heartbeats lost", "", "== 0",
+            lambda d: d["heartbeats_missed"], lambda v: v == 0),
+    Measure("soak", "max RSS growth per process", "MiB", "<= 8",
+            lambda d: d["worst_rss_growth_mib"], lambda v: v <= 8),
+    Measure("soak", "max fd growth per process", "", "<= 0",
+            lambda d: d["worst_fd_growth"], lambda v: v <= 0),
+]
+
+
+def run(names: list[str], quick: bool) -> dict[str, int]:
+    """Run the benchmarks in turn; returns their exit statuses."""
+    statuses: dict[str, int] = {}
+    for name in names:
+        full, short = BENCHMARKS[name]
+        argv = [sys.executable, str(HERE / f"{name}.py"), *(short if quick else full)]
+        sys.stderr.write(f"== bench {name}: {' '.join(argv[1:])}\n")
+        statuses[name] = subprocess.run(argv, check=False).returncode
+    return statuses
+
+
+def report(names: list[str]) -> tuple[str, bool]:
+    """The table of every measure of ``names``, and whether every target was met."""
+    rows = [("benchmark", "measure", "value", "unit", "target", "met")]
+    all_met = True
+    for measure in MEASURES:
+        if measure.benchmark not in names:
+            continue
+        path = RESULTS / f"{measure.benchmark}.json"
+        try:
+            value = measure.read(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            rows.append((measure.benchmark, measure.name, "-", measure.unit, measure.target,
+                         f"no result ({type(exc).__name__})"))
+            all_met = False
+            continue
+        met = measure.met(value)
+        all_met &= met
+        rows.append((measure.benchmark, measure.name, f"{value:g}", measure.unit,
+                     measure.target, "yes" if met else "NO"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in rows]
+    return "\n".join(lines), all_met
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    parser.add_argument("--report", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    statuses = {} if args.report else run(names, args.quick)
+    table, all_met = report(names)
+    sys.stdout.write(table + "\n")
+    failed = [name for name, status in statuses.items() if status not in (0, 1)]
+    if failed:
+        sys.stdout.write(f"benchmarks that failed to run: {', '.join(failed)}\n")
+    return 0 if all_met and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
