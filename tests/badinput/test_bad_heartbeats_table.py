@@ -18,7 +18,7 @@ import pytest
 
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.protocol import validate_snapshot
-from tests.badinput._support import GOOD_SNAPSHOT
+from tests.samples import GOOD_SNAPSHOT
 
 _UNSET = object()
 GPU = GOOD_SNAPSHOT["gpus"][0]

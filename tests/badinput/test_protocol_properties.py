@@ -23,7 +23,7 @@ from chiffon_worker.protocol import (
     WorkResult,
     validate_snapshot,
 )
-from tests.badinput._support import GOOD_SNAPSHOT
+from tests.samples import GOOD_SNAPSHOT
 
 PROPERTY = settings(max_examples=200, deadline=None, database=None, print_blob=True)
 

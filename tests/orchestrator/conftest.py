@@ -245,3 +245,12 @@ def start_consumer(rabbitmq_url: str, queue_name: str
     for handle in running:
         if handle.thread.is_alive():
             handle.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_now(request: pytest.FixtureRequest) -> None:
+    """A test module's ``NOW`` becomes the start of each test. Liveness is judged against
+    the real clock, so a value from import time would turn these agents offline once the
+    suite before them ran longer than their timeout."""
+    if hasattr(request.module, "NOW"):
+        request.module.NOW = time.time()

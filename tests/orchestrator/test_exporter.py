@@ -15,15 +15,8 @@ from chiffon_worker.orchestrator.registry import Registry
 
 from .snapshots import make_snapshot
 
+#: Reset to the start of each test by the autouse ``fresh_now`` fixture (conftest.py).
 NOW = time.time()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_now() -> None:
-    """NOW is the start of each test: liveness is judged against the real clock, so a
-    value from import time would make these agents offline in a long suite run."""
-    global NOW
-    NOW = time.time()
 
 
 @pytest.fixture

@@ -10,22 +10,9 @@ import pytest
 
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.protocol import SNAPSHOT_KEYS, validate_snapshot
+from tests.samples import GOOD_SNAPSHOT
 
-GOOD: dict[str, Any] = {
-    "schema": 1, "agent_id": "a1", "hostname": "rig", "pool": "desktop_pool_1",
-    "boot_id": "b1", "seq": 3, "started_at": 1.7e9, "collected_at": 1.7e9 + 60,
-    "heartbeat_interval_seconds": 30, "heartbeat_timeout_seconds": 90,
-    "capabilities": {}, "version": "0.1.0",
-    "cpu_percent": 12.5, "cpu_load_1min": 0.5, "cpu_load_5min": 0.4, "cpu_load_15min": 0.3,
-    "cpu_cores_physical": 8, "cpu_cores_available": 7.5,
-    "memory_percent": 40.0, "memory_available_gb": 18.2, "memory_total_gb": 31.3,
-    "gpu_vram_total_gb": 23.988, "gpu_vram_available_gb": 23.234, "gpu_type": "nvidia",
-    "gpu_count": 1,
-    "gpus": [{"index": 0, "vendor": "nvidia", "name": "RTX 4090", "vram_total_gb": 23.988,
-              "vram_available_gb": 23.234, "utilization_percent": 2, "temperature_c": 38,
-              "source": "nvml", "error": None}],
-    "gpu_probe": {"state": "ok", "source": "nvml", "age_seconds": 0.1, "error": None},
-}
+GOOD: dict[str, Any] = GOOD_SNAPSHOT
 
 
 def with_change(**changes: Any) -> dict[str, Any]:
