@@ -19,6 +19,7 @@ Three small departures from a stock worker, all made here so that a plain
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -58,6 +59,29 @@ MALFORMED_ENVELOPE_ERRORS: tuple[type[Exception], ...] = (
     TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
+#: Longest wait between the worker's attempts to reach the broker (seconds). Celery's
+#: default grows to 30 s, so work resumed up to 30 s after heartbeats did.
+RECONNECT_MAX_SECONDS = 5.0
+
+
+class AckLostFilter(logging.Filter):
+    """Turns kombu's CRITICAL "Couldn't ack" (with a traceback) into one WARNING line.
+
+    With acks late, a task that finished after the broker connection dropped cannot be
+    acknowledged; the broker redelivers it, which is the intended outcome, not a crisis.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Couldn't ack"):
+            tag = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = ("ack of delivery %r lost with the broker connection; the broker "
+                          "will redeliver the message")
+            record.args = (tag,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class Consumer(_CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer with Mingle and Gossip switched off, whatever the command line,
     and which drops a task message with a broken envelope instead of dying on it.
@@ -70,6 +94,16 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
                  **kwargs: Any) -> None:
         options = dict(worker_options or {}, without_mingle=True, without_gossip=True)
         super().__init__(*args, worker_options=options, **kwargs)
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Reconnect with back-off 1, 2, 3 ... capped at ``RECONNECT_MAX_SECONDS``."""
+        ensure = conn.ensure_connection
+        conn.ensure_connection = functools.partial(
+            ensure, interval_start=1, interval_step=1, interval_max=RECONNECT_MAX_SECONDS)
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection  # back to the class's method
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
@@ -180,6 +214,9 @@ def _register(app: Celery) -> None:
     control.register()
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_ready.connect(_on_worker_ready, weak=False)
+    request_log = logging.getLogger("celery.worker.request")
+    if not any(isinstance(f, AckLostFilter) for f in request_log.filters):
+        request_log.addFilter(AckLostFilter())
 
 
 def _on_worker_init(**_: Any) -> None:

@@ -62,7 +62,9 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Only a process can be cancelled: with threads/solo the task runs on, its ack is
+        # lost with the connection and the broker redelivers it (see app.AckLostFilter).
+        "worker_cancel_long_running_tasks_on_connection_loss": config.worker_pool == "prefork",
         # the broker is retried forever, including at start
         "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,
