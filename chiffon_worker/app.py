@@ -29,6 +29,7 @@ from functools import cached_property
 from typing import Any
 
 import click
+from amqp.exceptions import AccessRefused
 from celery import Celery, signals
 from celery.apps.worker import Worker as _CeleryWorker
 from celery.beat import EmbeddedService
@@ -102,6 +103,13 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
             ensure, interval_start=1, interval_step=1, interval_max=RECONNECT_MAX_SECONDS)
         try:
             return super().ensure_connected(conn)
+        except AccessRefused as exc:
+            # Wrong credentials or vhost: a configuration problem, not an outage. One
+            # line instead of Celery's "Unrecoverable error" traceback.
+            log.error("broker at %s refused the login (check rabbitmq_user, "
+                      "rabbitmq_password, rabbitmq_vhost or broker_url): %s",
+                      mask_url(conn.as_uri()), exc.reply_text or exc)
+            raise SystemExit(EXIT_BAD_CONFIG) from None
         finally:
             del conn.ensure_connection  # back to the class's method
 

@@ -164,7 +164,7 @@ def login_refused(tmp: Path, env: dict[str, str]) -> dict[str, str]:
             stderr=subprocess.STDOUT)
     agent = start_agent(tmp, REFUSED_BROKER_URL, extra_env={"CHIFFON_LOG_LEVEL": "DEBUG"})
     try:
-        # Celery holds a refused login unrecoverable: the worker says so and exits
+        # a refused login is a configuration problem: the agent says so in one line, exits 2
         agent.wait_for_log(r"ACCESS_REFUSED")
         with contextlib.suppress(subprocess.TimeoutExpired):
             agent.popen.wait(10)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.integration.helpers import CELERY, agent_environment
+from tests.integration.helpers import CELERY, agent_environment, unique
 
 
 def _start_worker(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -55,3 +55,18 @@ def test_bad_config_leaves_no_traceback_and_no_files(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stdout + done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["home"]
+
+
+def test_refused_broker_login_stops_the_worker_with_one_error_line_and_exit_2(
+        tmp_path: Path, rabbitmq_url: str) -> None:
+    done = _start_worker(tmp_path, CHIFFON_AGENT_ID=unique("t-agent"),
+                         CHIFFON_RABBITMQ_PASSWORD="not-the-password")
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    assert "CRITICAL" not in output
+    errors = [line for line in output.splitlines() if "ERROR/" in line]
+    assert len(errors) == 1, output
+    assert "refused the login (check rabbitmq_user, rabbitmq_password" in errors[0]
+    assert "amqp://guest:**@127.0.0.1:5672//" in errors[0]
+    assert "not-the-password" not in output
