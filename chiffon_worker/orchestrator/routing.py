@@ -238,13 +238,27 @@ class Router:
         return Submission(request, queue, agent_id, async_result)
 
     def close(self) -> None:
-        """Close broker connections (and the registry if this router opened it)."""
+        """Close broker connections (and the registry if this router opened it).
+
+        With the ``rpc://`` backend this router's reply queue is deleted too: nobody can
+        wait on it any more, and RabbitMQ would otherwise keep it for a day."""
         if self._app is not None:
+            if self.result_backend.startswith("rpc"):
+                self._delete_reply_queue()
             self._app.close()
             self._app = None
         if self._owns_registry and self._registry is not None:
             self._registry.close()
             self._registry = None
+
+    def _delete_reply_queue(self) -> None:
+        app = self._app
+        try:
+            with app.connection_for_write() as conn:
+                app.backend.binding(conn.default_channel).delete()
+        except (OperationalError, OSError, *app.connection_for_write().connection_errors) \
+                as exc:
+            log.debug("reply queue not deleted (it expires by itself): %s", exc)
 
     def __enter__(self) -> Router:
         return self
