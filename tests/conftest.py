@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -18,16 +19,20 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def missing_service(message: str) -> NoReturn:
+    """A service a test needs is missing: skip locally, fail under CI."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_port(host: str, port: int, what: str) -> None:
     """Skip (locally) or fail (CI) unless ``host:port`` accepts a TCP connection."""
     try:
         with socket.create_connection((host, port), timeout=2):
             return
     except OSError as exc:
-        message = f"{what} not reachable at {host}:{port}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_service(f"{what} not reachable at {host}:{port}: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -253,11 +253,11 @@ class Router:
 
     def _delete_reply_queue(self) -> None:
         app = self._app
+        conn = app.connection_for_write()
         try:
-            with app.connection_for_write() as conn:
+            with conn:
                 app.backend.binding(conn.default_channel).delete()
-        except (OperationalError, OSError, *app.connection_for_write().connection_errors) \
-                as exc:
+        except (OperationalError, OSError, *conn.connection_errors) as exc:
             log.debug("reply queue not deleted (it expires by itself): %s", exc)
 
     def __enter__(self) -> Router:

@@ -41,7 +41,7 @@ import pytest
 from celery import Celery
 
 from chiffon_worker.celery_settings import EXECUTE_WORK_TASK
-from tests.conftest import IN_CI
+from tests.conftest import missing_service
 from tests.integration import private_rabbit
 from tests.integration.helpers import (
     Agent,
@@ -169,9 +169,7 @@ def drain_until(rig: Rig, pattern: str, count: int, timeout: float) -> None:
 def rig(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Rig]:
     why_not = private_rabbit.available()
     if why_not:
-        if IN_CI:
-            pytest.fail(f"private RabbitMQ node: {why_not}")
-        pytest.skip(f"private RabbitMQ node: {why_not}")
+        missing_service(f"private RabbitMQ node: {why_not}")
     backend_url = f"{redis_url.rsplit('/', 1)[0]}/{RESULT_DB}"
     node = private_rabbit.PrivateRabbit()
     agent: Agent | None = None

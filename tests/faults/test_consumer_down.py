@@ -28,14 +28,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from chiffon_worker.celery_settings import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
-from tests.conftest import IN_CI
+from tests.conftest import missing_service as unavailable
 from tests.integration.helpers import (
     Agent,
     Heartbeat,
@@ -64,13 +64,6 @@ START_TIMEOUT_S = 30.0
 def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True,
                           timeout=60, check=False)
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip locally, fail under CI (like a missing service)."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @dataclass

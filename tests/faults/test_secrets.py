@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import quote
 
 import pytest
@@ -32,7 +31,7 @@ from sqlalchemy import create_engine, text
 
 from chiffon_worker.celery_settings import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.registry import Registry
-from tests.conftest import IN_CI
+from tests.conftest import missing_service as unavailable
 from tests.integration.helpers import (
     Agent,
     agent_environment,
@@ -87,13 +86,6 @@ OUTPUTS = [
 def tokens(secret: str) -> set[str]:
     """What would betray ``secret``: itself, URL-encoded, and its distinctive token."""
     return {secret, quote(secret, safe=""), secret.split("!", maxsplit=1)[0]}
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip locally, fail under CI (like a missing service)."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:

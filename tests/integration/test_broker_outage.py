@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from chiffon_worker.celery_settings import EXECUTE_WORK_TASK
-from tests.conftest import IN_CI
+from tests.conftest import missing_service
 from tests.integration import private_rabbit
 from tests.integration.helpers import (
     Agent,
@@ -46,9 +46,7 @@ class Outage:
 def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
     why_not = private_rabbit.available()
     if why_not:
-        if IN_CI:
-            pytest.fail(f"private RabbitMQ node: {why_not}")
-        pytest.skip(f"private RabbitMQ node: {why_not}")
+        missing_service(f"private RabbitMQ node: {why_not}")
     node = private_rabbit.PrivateRabbit()
     agent = start_agent(tmp_path_factory.mktemp("outage"), node.url)
     tap: HeartbeatTap | None = None
