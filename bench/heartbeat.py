@@ -242,10 +242,11 @@ def forked_beat_worker() -> None:
     """The agent with Celery's stock ``-B`` (beat forked as its own process)."""
     from celery.bin.celery import main as celery_main
 
-    from chiffon_worker.app import Worker
+    from chiffon_worker.worker.beat import ThreadedBeat
+    from chiffon_worker.worker.factory import Worker
 
     steps = set(Worker.Blueprint.default_steps)
-    Worker.Blueprint.default_steps = (steps - {"chiffon_worker.app:ThreadedBeat"}) | {
+    Worker.Blueprint.default_steps = (steps - {ThreadedBeat}) | {
         "celery.worker.components:Beat"}
     sys.argv = ["celery", "-A", "chiffon_worker", "worker", "-B"]
     celery_main()

@@ -6,6 +6,15 @@ Callers that face users (the CLI, the worker start-up, the orchestrator consumer
 
 from __future__ import annotations
 
+#: Exit statuses of every chiffon entry point (the ``chiffon`` command and the worker).
+EXIT_OK = 0
+#: A deliberate failure that is not about configuration (work failed, registry gone, ...).
+EXIT_ERROR = 1
+#: The configuration is unusable (bad file, key or value; a broker that refuses the login).
+EXIT_CONFIG = 2
+#: Interrupted by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
 
 def one_line(text: str) -> str:
     """``text`` with line breaks escaped, so a message is always exactly one line."""

@@ -77,8 +77,8 @@ def add_commands(subparsers: Any) -> None:
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; exits 0 on a clean stop."""
-    from chiffon_worker.orchestrator.decoding import HEARTBEAT_QUEUE
     from chiffon_worker.orchestrator.service import Orchestrator, run_orchestrator
+    from chiffon_worker.wire import HEARTBEAT_QUEUE
 
     config = Config()
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:

@@ -25,13 +25,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kombu.connection import Connection
-from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator.decoding import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.ingest import Batch, Ingestor
+from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,6 @@ DEFAULT_WRITE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
 _AMQP_HEARTBEAT_SECONDS = 30
 _CONNECT_TIMEOUT_SECONDS = 5
 _READ_AHEAD_BYTES = 1 << 16
-
-
-def heartbeat_queue(name: str = HEARTBEAT_QUEUE) -> Queue:
-    """The heartbeat queue as agents declare it: durable, direct exchange of the same name."""
-    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
-                 durable=True)
 
 
 class HeartbeatConsumer:

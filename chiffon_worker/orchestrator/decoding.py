@@ -21,9 +21,8 @@ from typing import Any, NamedTuple
 
 from chiffon_worker.errors import ChiffonError
 from chiffon_worker.protocol import MAX_MESSAGE_BYTES
+from chiffon_worker.wire import HEARTBEAT_TASK
 
-HEARTBEAT_TASK = "chiffon.heartbeat"
-HEARTBEAT_QUEUE = "chiffon.heartbeats"
 _JSON_TYPES = frozenset({"application/json", "text/plain", ""})
 
 # rejection reasons (label values of chiffon_heartbeats_rejected_total)
@@ -108,7 +107,7 @@ def decode_heartbeat(body: bytes | str, headers: Mapping[str, Any] | None,
             raise HeartbeatRejected(BAD_ENVELOPE, "a task body must be [args, kwargs, embed]")
         args = value[0]
         if len(args) != 1 or not isinstance(args[0], dict):
-            raise HeartbeatRejected(BAD_ENVELOPE, "chiffon.heartbeat takes exactly one "
+            raise HeartbeatRejected(BAD_ENVELOPE, f"{HEARTBEAT_TASK} takes exactly one "
                                                   "argument: the snapshot object")
         snapshot: dict[str, Any] = args[0]
         return Decoded(snapshot, json.dumps(snapshot, separators=(",", ":")))

@@ -29,25 +29,22 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kombu.entity import Exchange, Queue
+from kombu.entity import Queue
 from kombu.exceptions import OperationalError
 
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import ChiffonError, ProtocolError, RoutingError
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
 from chiffon_worker.protocol import WorkRequest, WorkResult
+from chiffon_worker.wire import EXECUTE_WORK_TASK, agent_queue_name, declared_queue, is_queue_name
 
 log = logging.getLogger(__name__)
 
-EXECUTE_TASK = "chiffon.execute_work"
-AGENT_QUEUE_PREFIX = "chiffon.agent."
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,11 @@ NEEDS: dict[str, Need] = {
 }
 
 
-def agent_queue(agent_id: str) -> str:
-    """The queue only ``agent_id`` consumes."""
-    return AGENT_QUEUE_PREFIX + agent_id
-
-
 def work_queue(name: str) -> Queue:
     """A work queue as agents declare it: durable, direct exchange named like the queue."""
-    if not _QUEUE_NAME.match(name):
+    if not is_queue_name(name):
         raise RoutingError(f"{name!r} is not a valid queue name")
-    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
-                 durable=True)
+    return declared_queue(name)
 
 
 def check_needs(needs: Mapping[str, Any]) -> dict[str, float]:
@@ -223,13 +214,13 @@ class Router:
         if needs is not None:
             chosen = pick_agent(self.registry.agents(pool), needs, pool=pool)
             agent_id = chosen.agent_id
-            queue = agent_queue(agent_id)
+            queue = agent_queue_name(agent_id)
         else:
             queue = pool or (self._config or Config()).agent_pool_name
         declaration = work_queue(queue)
         try:
             async_result = self.app.send_task(
-                EXECUTE_TASK, args=[request.to_dict()], task_id=request.work_id,
+                EXECUTE_WORK_TASK, args=[request.to_dict()], task_id=request.work_id,
                 queue=declaration, serializer="json")
         except (OSError, OperationalError) as exc:
             raise RoutingError(f"cannot publish to {queue} on {mask_url(self.broker_url)}: "

@@ -14,10 +14,10 @@ from types import FrameType
 
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.orchestrator.consumer import HeartbeatConsumer
-from chiffon_worker.orchestrator.decoding import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
 from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.wire import HEARTBEAT_QUEUE
 
 log = logging.getLogger(__name__)
 

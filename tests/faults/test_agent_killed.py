@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK
 from chiffon_worker.protocol import WorkRequest, WorkResult
+from chiffon_worker.wire import EXECUTE_WORK_TASK
 from tests.integration.helpers import (
     Agent,
     close_client,

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK
+from chiffon_worker.wire import EXECUTE_WORK_TASK
 from tests.conftest import missing_service
 from tests.integration import private_rabbit
 from tests.integration.helpers import (

@@ -33,8 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from chiffon_worker.celery_settings import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
+from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service as unavailable
 from tests.integration.helpers import (
     Agent,

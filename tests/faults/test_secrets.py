@@ -29,8 +29,8 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import create_engine, text
 
-from chiffon_worker.celery_settings import HEARTBEAT_QUEUE
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service as unavailable
 from tests.integration.helpers import (
     Agent,

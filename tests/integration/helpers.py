@@ -33,7 +33,7 @@ from kombu.exceptions import OperationalError
 from kombu.message import Message
 from kombu.messaging import Consumer
 
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK, HEARTBEAT_QUEUE, HEARTBEAT_TASK
+from chiffon_worker.wire import EXECUTE_WORK_TASK, HEARTBEAT_QUEUE, HEARTBEAT_TASK
 
 CELERY = Path(sys.executable).parent / "celery"
 #: Heartbeats of test agents expire quickly, so the shared queue never backs up.

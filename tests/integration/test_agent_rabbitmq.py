@@ -16,8 +16,8 @@ from amqp.exceptions import PreconditionFailed  # type: ignore[import-untyped]
 from kombu.connection import Connection
 
 from chiffon_worker.agents.desktop import STUB_OUTPUT
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK, HEARTBEAT_TASK
 from chiffon_worker.protocol import SNAPSHOT_KEYS, WorkResult, validate_snapshot
+from chiffon_worker.wire import EXECUTE_WORK_TASK, HEARTBEAT_TASK
 from tests.integration.conftest import WatchedAgent
 from tests.integration.helpers import (
     CELERY,

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from chiffon_worker.agents.desktop import STUB_OUTPUT
-from chiffon_worker.celery_settings import HEARTBEAT_QUEUE
 from chiffon_worker.protocol import SNAPSHOT_KEYS, WorkResult, validate_snapshot
+from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.integration.conftest import WatchedAgent
 from tests.integration.helpers import (
     HeartbeatTap,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK
+from chiffon_worker.wire import EXECUTE_WORK_TASK
 from tests.conftest import missing_service
 from tests.integration import private_rabbit
 from tests.integration.helpers import (

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from chiffon_worker import app as app_module
-from chiffon_worker import tasks
 from chiffon_worker.agents.desktop import STUB_OUTPUT
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK, settings_from_config
 from chiffon_worker.config import Config
 from chiffon_worker.protocol import WorkResult
+from chiffon_worker.wire import EXECUTE_WORK_TASK
+from chiffon_worker.worker import runtime
+from chiffon_worker.worker.settings import celery_settings
+from chiffon_worker.worker.tasks import register_tasks
 from tests.integration.helpers import close_client, delete_agent_queues, unique
 
 pytestmark = pytest.mark.integration
@@ -30,16 +31,17 @@ def celery_worker_pool() -> str:
 
 @pytest.fixture
 def agent_config(rabbitmq_url: str, clean_env: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Config:
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Config]:
     config = Config(broker_url=rabbitmq_url, agent_id=unique("t-inproc"),
                     agent_pool_name=unique("t-pool"))
-    monkeypatch.setattr(app_module, "_config", config)  # what current_config() returns
-    return config
+    runtime.set_config(config)  # what the task's get_config() returns
+    yield config
+    runtime.reset()
 
 
 @pytest.fixture
 def celery_config(agent_config: Config) -> dict[str, Any]:
-    settings = settings_from_config(agent_config)
+    settings = celery_settings(agent_config)
     # the in-process worker's loop notices the end of a test at its next wake-up, which
     # AMQP heartbeats stretch to ~3 s; without them teardown takes ~1 s
     settings["broker_heartbeat"] = 0
@@ -49,7 +51,7 @@ def celery_config(agent_config: Config) -> dict[str, Any]:
 @pytest.fixture
 def chiffon_app(celery_app: Celery, agent_config: Config) -> Iterator[Celery]:
     """The test app with the agent's tasks (registered before the worker starts)."""
-    tasks.register(celery_app)
+    register_tasks(celery_app)
     yield celery_app
     close_client(celery_app)
     delete_agent_queues(agent_config.effective_broker_url, agent_config.pool_queue,

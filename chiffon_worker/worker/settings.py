@@ -1,9 +1,10 @@
-"""Celery settings derived from a :class:`~chiffon_worker.config.Config`.
+"""Every Celery setting of the agent, as a pure function of a chiffon ``Config``.
 
-A pure function, so ``celeryconfig.py`` and tests build the same settings. The queue
-layout is the contract of DESIGN.md: the pool queue (shared, durable, acks late,
-prefetch 1), this agent's own queue, and ``chiffon.heartbeats`` (published to, never
-consumed by the agent).
+The app factory configures the app from :func:`celery_settings` directly, so nothing
+in the working directory (a stray ``celeryconfig.py``, ``CELERY_CONFIG_MODULE``) can
+replace these values. The queue layout is the contract of docs/design.md: the pool
+queue (shared, durable, acks late, prefetch 1), this agent's own queue, and
+``chiffon.heartbeats`` (published to, never consumed by the agent).
 """
 
 from __future__ import annotations
@@ -11,32 +12,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kombu.entity import Exchange, Queue
+from kombu.entity import Queue
 
 from chiffon_worker.config import Config
+from chiffon_worker.wire import (
+    EXECUTE_WORK_TASK,
+    HEARTBEAT_QUEUE,
+    HEARTBEAT_TASK,
+    agent_queue_name,
+    declared_queue,
+    heartbeat_queue,
+)
+from chiffon_worker.worker.beat import HeartbeatScheduler
+from chiffon_worker.worker.consumer import Consumer
 
-HEARTBEAT_QUEUE = "chiffon.heartbeats"
-HEARTBEAT_TASK = "chiffon.heartbeat"
-EXECUTE_WORK_TASK = "chiffon.execute_work"
-
-
-def heartbeat_queue() -> Queue:
-    """The durable queue heartbeats are published to (the orchestrator consumes it)."""
-    return Queue(HEARTBEAT_QUEUE, Exchange(HEARTBEAT_QUEUE, type="direct"),
-                 routing_key=HEARTBEAT_QUEUE, durable=True)
+#: Longest beat sleep (seconds): beat wakes at least this often to notice a stop.
+BEAT_MAX_LOOP_SECONDS = 5.0
 
 
 def work_queues(config: Config) -> list[Queue]:
     """The queues this agent consumes: its pool's shared queue and its own queue."""
-    return [
-        Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
-        for name in (config.pool_queue, config.agent_queue)
-    ]
+    return [declared_queue(config.agent_pool_name),
+            declared_queue(agent_queue_name(config.agent_id))]
 
 
-def settings_from_config(config: Config) -> dict[str, Any]:
+def celery_settings(config: Config) -> dict[str, Any]:
     """Every Celery setting the agent uses, as a dict of lowercase Celery setting names."""
     state_dir = Path(config.state_dir)
+    pool_queue = config.agent_pool_name
     return {
         "broker_url": config.effective_broker_url,
         "result_backend": config.effective_result_backend,
@@ -48,22 +51,22 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "event_serializer": "json",
         # queues and routes
         "task_queues": work_queues(config),
-        "task_default_queue": config.pool_queue,
-        "task_default_exchange": config.pool_queue,
-        "task_default_routing_key": config.pool_queue,
+        "task_default_queue": pool_queue,
+        "task_default_exchange": pool_queue,
+        "task_default_routing_key": pool_queue,
         "task_routes": {
             # through the named exchange, not Celery's default-exchange shortcut for
             # direct queues, so more queues can be bound to receive copies of heartbeats
             HEARTBEAT_TASK: {"queue": heartbeat_queue(), "exchange": HEARTBEAT_QUEUE,
                              "routing_key": HEARTBEAT_QUEUE},
-            EXECUTE_WORK_TASK: {"queue": config.pool_queue},
+            EXECUTE_WORK_TASK: {"queue": pool_queue},
         },
         # a worker killed mid-task loses no work
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         # Only a process can be cancelled: with threads/solo the task runs on, its ack is
-        # lost with the connection and the broker redelivers it (see app.AckLostFilter).
+        # lost with the connection and the broker redelivers it (see consumer.AckLostFilter).
         "worker_cancel_long_running_tasks_on_connection_loss": config.worker_pool == "prefork",
         # the broker is retried forever, including at start
         "broker_connection_retry": True,
@@ -84,12 +87,13 @@ def settings_from_config(config: Config) -> dict[str, Any]:
         "worker_concurrency": config.worker_concurrency,
         "worker_hijack_root_logger": True,
         # no mingle/gossip: agents need no worker-to-worker chatter (faster start)
-        "worker_consumer": "chiffon_worker.app:Consumer",
+        "worker_consumer": Consumer,
         "worker_redirect_stdouts": False,
         # beat: in memory, heartbeats only; nothing written to the working directory
-        "beat_scheduler": "chiffon_worker.heartbeat_scheduler:HeartbeatScheduler",
+        "beat_scheduler": HeartbeatScheduler,
         "beat_schedule_filename": str(state_dir / "celerybeat-schedule"),
-        "beat_max_loop_interval": max(0.5, min(5.0, config.heartbeat_interval_seconds)),
+        "beat_max_loop_interval": max(0.5, min(BEAT_MAX_LOOP_SECONDS,
+                                               config.heartbeat_interval_seconds)),
         "timezone": "UTC",
         "enable_utc": True,
         # beat is a thread of the worker: name the thread, so heartbeat lines say "Beat"

@@ -1,8 +1,9 @@
-"""Tasks: ``chiffon.execute_work`` (run by agents) and ``chiffon.heartbeat`` (run by the
-orchestrator's consumer; agents only publish it).
+"""``chiffon.execute_work``: the task agents run.
 
-``execute_work`` never raises for bad input: a malformed request becomes an error
-``WorkResult``, so a poison message is acknowledged once and never redelivered in a loop.
+It never raises for bad input: a malformed request becomes an error ``WorkResult``, so a
+poison message is acknowledged once and never redelivered in a loop. (Agents only
+*publish* ``chiffon.heartbeat``, see :mod:`.heartbeat_sender`; no agent runs it, so it is
+not registered here.)
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 from celery import Celery
 
-from chiffon_worker.celery_settings import EXECUTE_WORK_TASK, HEARTBEAT_TASK
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.protocol import WorkRequest, WorkResult
+from chiffon_worker.wire import EXECUTE_WORK_TASK
+from chiffon_worker.worker.runtime import get_agent, get_config
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +25,6 @@ log = logging.getLogger(__name__)
 def execute_work(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Validate the one argument (a WorkRequest as JSON text or object), run it on this
     process's agent, and return the ``WorkResult`` as a JSON object."""
-    from chiffon_worker.app import current_config
-    from chiffon_worker.runtime import current_agent
-
-    config = current_config()
     started = time.perf_counter()
     try:
         if len(args) != 1 or kwargs:
@@ -36,9 +34,8 @@ def execute_work(*args: Any, **kwargs: Any) -> dict[str, Any]:
     except ProtocolError as exc:
         log.warning("rejected malformed work request: %s", exc)
         return WorkResult.failure(_echoable_work_id(args, exc), f"malformed work request: {exc}",
-                                  config.agent_id, time.perf_counter() - started).to_dict()
-    result = current_agent(config).execute_work(request)
-    return result.to_dict()
+                                  get_config().agent_id, time.perf_counter() - started).to_dict()
+    return get_agent().execute_work(request).to_dict()
 
 
 def _echoable_work_id(args: tuple[Any, ...], exc: ProtocolError) -> str:
@@ -54,18 +51,9 @@ def _echoable_work_id(args: tuple[Any, ...], exc: ProtocolError) -> str:
     return work_id
 
 
-def heartbeat(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """Agents never run this: the orchestrator's consumer handles ``chiffon.heartbeat``
-    messages. Defined so the name is known and a stray one is acknowledged harmlessly."""
-    log.debug("heartbeat task seen outside the orchestrator (seq %s)",
-              snapshot.get("seq") if isinstance(snapshot, dict) else None)
-    return {"ignored": True}
-
-
-def register(app: Celery) -> None:
-    """Register the tasks on ``app`` under their public names (on ``app`` only: Celery's
-    default, a shared task, would also put them on every app created later in the process,
-    such as a submitter's)."""
+def register_tasks(app: Celery) -> None:
+    """Register the agent's tasks on ``app`` under their public names (on ``app`` only:
+    Celery's default, a shared task, would also put them on every app created later in the
+    process, such as a submitter's)."""
     app.task(name=EXECUTE_WORK_TASK, acks_late=True, reject_on_worker_lost=True,
              typing=False, shared=False)(execute_work)
-    app.task(name=HEARTBEAT_TASK, ignore_result=True, typing=False, shared=False)(heartbeat)

@@ -1,0 +1,53 @@
+"""Every name on the wire, declared once: exchanges, queues, task names, queue builders.
+
+The agent (its Celery settings and heartbeat sender), the orchestrator (its heartbeat
+consumer) and the router (``chiffon submit``) all build their queues here, so the three
+always declare the same entities with the same arguments (RabbitMQ refuses a second
+declaration that differs: ``PRECONDITION_FAILED``).
+
+Every queue is durable, bound to a direct exchange of the same name with routing key =
+queue name. Publishing through that named exchange (not Celery's default-exchange
+shortcut) lets more queues bind to it and receive copies: tests and tools tap heartbeats
+that way without taking them from the orchestrator.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kombu.entity import Exchange, Queue
+
+#: The queue (and exchange) heartbeats are published to; the orchestrator consumes it.
+HEARTBEAT_QUEUE = "chiffon.heartbeats"
+#: The task name a heartbeat message carries; its one argument is the snapshot.
+HEARTBEAT_TASK = "chiffon.heartbeat"
+#: The task agents run; its one argument is a ``WorkRequest``, its result a ``WorkResult``.
+EXECUTE_WORK_TASK = "chiffon.execute_work"
+#: Prefix of the queue only one agent consumes: ``chiffon.agent.<agent_id>``.
+AGENT_QUEUE_PREFIX = "chiffon.agent."
+#: The name of the ``celery inspect`` command that answers with an agent's snapshot.
+METRICS_INSPECT_COMMAND = "chiffon_metrics"
+
+#: What RabbitMQ and Redis both accept as a queue name here (ids are checked tighter).
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def is_queue_name(name: str) -> bool:
+    """Whether ``name`` may be used as a queue name (1-255 of letters, digits, ``._-``)."""
+    return bool(_QUEUE_NAME.match(name))
+
+
+def agent_queue_name(agent_id: str) -> str:
+    """The queue only ``agent_id`` consumes."""
+    return AGENT_QUEUE_PREFIX + agent_id
+
+
+def declared_queue(name: str) -> Queue:
+    """Queue ``name`` as every part declares it: durable, direct exchange of the same name."""
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
+                 durable=True)
+
+
+def heartbeat_queue(name: str = HEARTBEAT_QUEUE) -> Queue:
+    """The heartbeat queue (``name`` differs only in tests and taps)."""
+    return declared_queue(name)

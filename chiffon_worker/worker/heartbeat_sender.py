@@ -1,0 +1,119 @@
+"""Sending one heartbeat: take the snapshot, sign it if configured, publish it, bounded.
+
+The message on ``chiffon.heartbeats`` is the Celery task ``chiffon.heartbeat`` with one
+argument, the snapshot, expiring after ``heartbeat_timeout_seconds`` (a stale heartbeat is
+worthless, so a backed-up queue drains itself), transient (delivery mode 1), no result.
+
+Publishing never blocks the beat thread for long: Celery's stock scheduler connects once
+and retries forever inside its first tick (back-off up to 30 s) and keeps reusing a
+connection the broker may have closed (celery#5037, #8030), so heartbeats can stay away
+long after the broker is back. Here each heartbeat gets a bounded publish on a connection
+with publisher confirms (a dead connection is noticed on the spot, not one heartbeat
+later); after a failure the connection is thrown away and the next heartbeat, one interval
+later, starts from a fresh one. An outage costs the heartbeats it spans, each logged as
+one line, and no more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kombu.common import ignore_errors
+from kombu.exceptions import OperationalError
+
+from chiffon_worker.config import Config, mask_url
+from chiffon_worker.signing import sign_snapshot
+from chiffon_worker.wire import HEARTBEAT_TASK
+
+log = logging.getLogger(__name__)
+
+#: The heartbeat connection: confirmed publishes, one quick reconnect attempt per use.
+PUBLISH_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "confirm_publish": True,
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.25,
+    "interval_max": 0.25,
+}
+#: Retries of one publish (a stale connection is replaced at once); ~0.5 s at most.
+PUBLISH_RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.25,
+    "interval_max": 0.25,
+}
+
+
+class HeartbeatSender:
+    """Publishes heartbeats of ``take_snapshot()`` through ``app`` (one thread at a time).
+
+    ``app``: the agent's Celery app (its routes send ``chiffon.heartbeat`` through the
+    heartbeat exchange); ``config``: intervals, secret and broker URL for log lines.
+    """
+
+    def __init__(self, app: Any, config: Config,
+                 take_snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.app = app
+        self.config = config
+        self.take_snapshot = take_snapshot
+        self._failing_since: float | None = None
+        self._connection: Any = None
+        self._producer: Any = None
+
+    def send(self) -> bool:
+        """Take a snapshot and publish it; False (one WARNING line) when the broker is away."""
+        config = self.config
+        snapshot = self.take_snapshot()
+        if config.heartbeat_secret:
+            snapshot = sign_snapshot(snapshot, config.heartbeat_secret)
+        producer = self.producer()
+        connection = self._connection
+        errors = (OperationalError, OSError, *connection.connection_errors,
+                  *connection.channel_errors)
+        try:
+            self.app.send_task(
+                HEARTBEAT_TASK, args=[snapshot], producer=producer,
+                expires=config.heartbeat_timeout_seconds, delivery_mode=1,
+                # no result: else the rpc:// backend declares a reply queue per agent run
+                ignore_result=True,
+                retry=True, retry_policy=PUBLISH_RETRY_POLICY,
+            )
+        except errors as exc:
+            self.close()
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            log.warning("cannot reach broker at %s: %s; heartbeat seq %d not sent; "
+                        "retrying in %g s", mask_url(config.effective_broker_url),
+                        short_reason(exc), snapshot["seq"], config.heartbeat_interval_seconds)
+            return False
+        if self._failing_since is not None:
+            log.warning("broker reachable again after %.1f s; heartbeats resumed (seq %d)",
+                        time.monotonic() - self._failing_since, snapshot["seq"])
+            self._failing_since = None
+        log.debug("heartbeat seq %d sent", snapshot["seq"])
+        return True
+
+    def producer(self) -> Any:
+        """The heartbeat producer; its connection is opened lazily on first publish."""
+        if self._producer is None:
+            self._connection = self.app.connection_for_write(
+                transport_options=PUBLISH_TRANSPORT_OPTIONS)
+            self._producer = self.app.amqp.Producer(self._connection, auto_declare=False)
+        return self._producer
+
+    def close(self) -> None:
+        """Drop the connection (the next :meth:`send` opens a fresh one)."""
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            ignore_errors(connection, connection.release)
+
+
+def short_reason(exc: BaseException) -> str:
+    """A short reason: "connection refused" rather than a repr chain."""
+    text = str(exc) or type(exc).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    return text.splitlines()[0][:200]
