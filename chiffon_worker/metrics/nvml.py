@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable
 from chiffon_worker.metrics.drm import read_text
 from chiffon_worker.metrics.gpu_types import GpuDevice, bytes_to_gib
+from chiffon_worker.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,7 @@ def nvidia_pci_devices(sysfs_root: str) -> list[Path] | None:
     return found
 
 
-_shared: NvmlSource | None = None
-_shared_lock = threading.Lock()
+_shared: ProcessLocal[NvmlSource] = ProcessLocal(NvmlSource)
 
 
 def shared_source() -> NvmlSource:
@@ -295,20 +294,7 @@ def shared_source() -> NvmlSource:
     Created on first call; nothing is loaded until its first ``read``. A forked child
     gets a fresh one on its first call (NVML state does not survive ``fork``).
     """
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = NvmlSource()
-        return _shared
-
-
-def _forget_shared_after_fork() -> None:
-    global _shared, _shared_lock
-    _shared = None
-    _shared_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_shared_after_fork)
+    return _shared.get()
 
 
 def suspended_nvidia_cards(sysfs_root: str) -> tuple[GpuDevice, ...] | None:
