@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -233,20 +235,70 @@ def test_history_png_needs_matplotlib_or_says_so(
         assert target.read_bytes().startswith(b"\x89PNG")
 
 
+def _read_lines(stream: IO[str], into: list[str]) -> threading.Thread:
+    """Append each line of ``stream`` to ``into`` from a daemon thread, until EOF."""
+    def pump() -> None:
+        for line in stream:
+            into.append(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_status_watch_refreshes_until_interrupted(
         filled_state: str, cli_env: dict[str, str]) -> None:
     process = subprocess.Popen([*CHIFFON, "status", "--watch", "0.2"], env=cli_env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=15)
+    assert process.stdout is not None
+    lines: list[str] = []
+    reader = _read_lines(process.stdout, lines)
+    try:
+        wait_for(lambda: "".join(lines).count("1 of 2 agents online") >= 2
+                 or process.poll() is not None, 60, "the second refresh of status --watch")
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    reader.join(timeout=15)
+    out = "".join(lines)
     assert process.returncode == 0, err
     assert out.count("chiffon status, every 0.2 s") >= 2
     assert out.count("1 of 2 agents online") >= 2
 
 
+#: Runs ``chiffon`` with the orchestrator extra's modules unimportable, as on a base install.
+_WITHOUT_EXTRA = (
+    "import sys\n"
+    "for name in ('sqlalchemy', 'psycopg', 'prometheus_client'):\n"
+    "    sys.modules[name] = None\n"
+    "from chiffon_worker.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_agent_commands_work_without_the_orchestrator_extra(cli_env: dict[str, str]) -> None:
+    def chiffon(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRA, *argv], env=cli_env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    usage = chiffon("--help")
+    assert usage.returncode == 0, usage.stderr
+    assert all(name in usage.stdout for name in ("metrics", "status", "history", "submit"))
+    metrics = chiffon("metrics", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    assert json.loads(metrics.stdout)["agent_id"]
+    status = chiffon("status")
+    assert status.returncode == 1
+    assert status.stderr == ("chiffon: error: chiffon status needs the orchestrator extra "
+                             "(sqlalchemy is not installed): "
+                             "pip install 'chiffon-worker[orchestrator]'\n")
+
+
 def test_sparklines_average_time_buckets_and_leave_offline_stretches_blank() -> None:
-    from chiffon_worker.orchestrator.charts import bucket_means, sparkline
+    from chiffon_worker.cli.history_charts import bucket_means, sparkline
 
     times = [0.0, 1.0, 2.0, 3.0, 10.0]
     assert bucket_means(times, [1.0, 3.0, 5.0, 5.0, 8.0], 5) == [2.0, 5.0, None, None, 8.0]

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from chiffon_worker.orchestrator.agent_view import status_object
 from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
-from chiffon_worker.orchestrator.status import status_object
 from chiffon_worker.signing import sign_snapshot
 
 from .snapshots import make_snapshot

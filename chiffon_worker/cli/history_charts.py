@@ -12,10 +12,13 @@ import importlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from chiffon_worker.cli.output import format_age
 from chiffon_worker.errors import ChiffonError
-from chiffon_worker.orchestrator.registry import HistoryPoint
-from chiffon_worker.orchestrator.status import format_age
+
+if TYPE_CHECKING:
+    from chiffon_worker.orchestrator.registry import HistoryPoint
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 

@@ -1,0 +1,122 @@
+"""The agent machine's commands: ``chiffon metrics``, ``chiffon config show`` and
+``chiffon init-config``. They need only the base install (no orchestrator extra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from chiffon_worker.cli.command_types import Subcommands
+from chiffon_worker.cli.output import emit, render_table
+from chiffon_worker.config import SYSTEM_CONFIG_FILE, USER_CONFIG_RELATIVE, Config
+from chiffon_worker.errors import EXIT_OK, ChiffonError
+
+GPU_TABLE_HEADERS = ("#", "vendor", "name", "free GiB", "total GiB", "util %", "temp C",
+                     "source", "error")
+
+
+def add_agent_commands(subcommands: Subcommands) -> None:
+    """Register ``metrics``, ``config show`` and ``init-config``."""
+    metrics = subcommands.add_parser("metrics", help="print one snapshot of this machine")
+    metrics.add_argument("--json", action="store_true", help="machine-readable JSON")
+    metrics.set_defaults(handler=cmd_metrics)
+
+    config = subcommands.add_parser("config", help="inspect the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    config_sub.required = True
+    show = config_sub.add_parser("show", help="effective values and their sources")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_config_show)
+
+    init = subcommands.add_parser("init-config", help="write the documented example agent.yml")
+    init.add_argument("--system", action="store_true", help=f"write {SYSTEM_CONFIG_FILE}")
+    init.add_argument("--path", help="write to this path instead")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(handler=cmd_init_config)
+
+
+# -- chiffon metrics -----------------------------------------------------------------------
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Print one snapshot of this machine, as text or (``--json``) as the heartbeat sends it."""
+    from chiffon_worker.agents.desktop import DesktopAgent
+
+    config = Config()
+    agent = DesktopAgent(config.agent_id, "desktop", config)
+    try:
+        snap = agent.snapshot(heartbeat=False)
+    finally:
+        agent.close()
+    emit(json.dumps(snap, indent=2, sort_keys=False) if args.json else render_metrics(snap))
+    return EXIT_OK
+
+
+def render_metrics(snap: dict[str, Any]) -> str:
+    """A human-readable view of one snapshot."""
+    probe = snap["gpu_probe"]
+    lines = [
+        f"agent      {snap['agent_id']}  ({snap['hostname']}, pool {snap['pool']})",
+        f"cpu        {snap['cpu_percent']:.1f}% busy, load {snap['cpu_load_1min']:.2f} / "
+        f"{snap['cpu_load_5min']:.2f} / {snap['cpu_load_15min']:.2f}",
+        f"cores      {snap['cpu_cores_available']:g} available of "
+        f"{snap.get('cpu_cores_effective', snap['cpu_cores_physical']):g} usable "
+        f"({snap['cpu_cores_physical']} physical)",
+        f"memory     {snap['memory_available_gb']:.2f} GiB available of "
+        f"{snap['memory_total_gb']:.2f} GiB ({snap['memory_percent']:.1f}% used)",
+        f"gpu        {snap['gpu_type']}: {snap['gpu_vram_available_gb']:.2f} GiB VRAM free of "
+        f"{snap['gpu_vram_total_gb']:.2f} GiB, {snap['gpu_count']} device(s); probe "
+        f"{probe['state']} via {probe['source']}"
+        + (f" ({probe['error']})" if probe.get("error") else ""),
+    ]
+    if snap["gpus"]:
+        rows = [[g.get("index"), g.get("vendor"), g.get("name"), g.get("vram_available_gb"),
+                 g.get("vram_total_gb"), g.get("utilization_percent"), g.get("temperature_c"),
+                 g.get("source"), g.get("error")] for g in snap["gpus"]]
+        lines += ["", render_table(GPU_TABLE_HEADERS, rows)]
+    return "\n".join(lines)
+
+
+# -- chiffon config show -------------------------------------------------------------------
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print every effective setting (secrets masked) with where its value came from."""
+    config = Config()
+    values = config.masked()
+    if args.json:
+        emit(json.dumps({k: {"value": v, "source": config.sources.get(k, "default")}
+                         for k, v in values.items()}, indent=2))
+        return EXIT_OK
+    rows = [[k, v, config.sources.get(k, "default")] for k, v in values.items()]
+    emit(render_table(["key", "value", "source"], rows))
+    emit()
+    emit("files loaded: " + (", ".join(config.files_loaded) or "none (defaults)"))
+    return EXIT_OK
+
+
+# -- chiffon init-config -------------------------------------------------------------------
+
+def example_config_text() -> str:
+    """The documented example config shipped with the package (``deploy/agent.yml``)."""
+    return resources.files("chiffon_worker").joinpath("data/agent.yml").read_text("utf-8")
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    """Write the example config (mode 600) to the user's, the system's or a given path."""
+    target = SYSTEM_CONFIG_FILE if args.system else Path.home() / USER_CONFIG_RELATIVE
+    if args.path:
+        target = Path(args.path)
+    if target.exists() and not args.force:
+        raise ChiffonError(f"{target} already exists; not overwriting (use --force)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(example_config_text())
+    except OSError as exc:
+        raise ChiffonError(f"cannot write {target}: {exc.strerror or exc}") from None
+    emit(f"wrote {target} (mode 600); edit it, then check with `chiffon config show`")
+    return EXIT_OK

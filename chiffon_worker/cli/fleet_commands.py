@@ -1,0 +1,137 @@
+"""The orchestrator host's commands: ``chiffon orchestrator`` (run the service),
+``chiffon status`` and ``chiffon history`` (read the registry).
+
+They need the orchestrator extra, which each handler imports lazily under
+:func:`~chiffon_worker.cli.orchestrator_extra.needs_orchestrator_extra`; the views they
+print (``status_table``, ``history_charts``, ``orchestrator.agent_view``) do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chiffon_worker.cli.command_types import Subcommands
+from chiffon_worker.cli.history_charts import render_history, save_png
+from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
+from chiffon_worker.cli.output import emit
+from chiffon_worker.cli.status_table import render_status
+from chiffon_worker.config import Config
+from chiffon_worker.errors import EXIT_OK, ChiffonError
+from chiffon_worker.orchestrator.agent_view import status_object
+
+if TYPE_CHECKING:
+    from chiffon_worker.orchestrator.registry import Registry
+
+#: Clears the terminal and homes the cursor before each ``status --watch`` refresh.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def add_fleet_commands(subcommands: Subcommands) -> None:
+    """Register ``orchestrator``, ``status`` and ``history``."""
+    orch = subcommands.add_parser(
+        "orchestrator", help="run the heartbeat consumer, registry and /metrics",
+        description="Consume heartbeats into the registry and serve Prometheus /metrics "
+                    "until SIGTERM or SIGINT.")
+    orch.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="port for /metrics (0 disables; default: config metrics_port)")
+    orch.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR",
+                      help="address /metrics listens on (default 0.0.0.0)")
+    orch.add_argument("--queue", default=None, metavar="NAME",
+                      help="heartbeat queue to consume (default chiffon.heartbeats)")
+    orch.set_defaults(handler=cmd_orchestrator)
+
+    status = subcommands.add_parser("status", help="the agents in the registry")
+    status.add_argument("--json", action="store_true", help="a JSON array, one object per agent")
+    status.add_argument("--pool", help="only agents of this pool")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+                        metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
+    status.set_defaults(handler=cmd_status)
+
+    history = subcommands.add_parser("history", help="plot one agent's load, memory and VRAM")
+    history.add_argument("agent", metavar="AGENT", help="agent id")
+    history.add_argument("--png", type=Path, metavar="PATH",
+                         help="write a PNG instead (needs matplotlib)")
+    history.add_argument("--width", type=int, default=60, help="sparkline width (characters)")
+    history.set_defaults(handler=cmd_history)
+
+
+# -- chiffon orchestrator ---------------------------------------------------------------------
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT; exits 0 on a clean stop."""
+    with needs_orchestrator_extra("orchestrator"):
+        from chiffon_worker.orchestrator.service import Orchestrator, run_orchestrator
+    from chiffon_worker.wire import HEARTBEAT_QUEUE
+
+    config = Config()
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ChiffonError(f"--metrics-port {args.metrics_port} is not a port (0-65535)")
+    package_logger = logging.getLogger("chiffon_worker")
+    if package_logger.getEffectiveLevel() > logging.getLevelName(config.log_level):
+        package_logger.setLevel(config.log_level)
+    run_orchestrator(Orchestrator(config, metrics_port=args.metrics_port,
+                                  queue=args.queue or HEARTBEAT_QUEUE,
+                                  metrics_addr=args.metrics_addr))
+    return EXIT_OK
+
+
+# -- chiffon status -------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the registry once, or every ``--watch`` seconds until Ctrl-C (then exit 0)."""
+    with needs_orchestrator_extra("status"):
+        from chiffon_worker.orchestrator.registry import Registry
+
+    if args.watch is not None and args.watch <= 0:
+        raise ChiffonError("--watch needs a positive number of seconds")
+    with Registry.from_config(Config()) as registry:
+        if args.watch is None:
+            _print_status(registry, args)
+            return EXIT_OK
+        try:
+            while True:
+                emit(f"{CLEAR_SCREEN}chiffon status, every {args.watch:g} s  "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                _print_status(registry, args)
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def _print_status(registry: Registry, args: argparse.Namespace) -> None:
+    now = time.time()
+    records = registry.agents(args.pool, with_snapshot=args.json)
+    if args.json:
+        emit(json.dumps([status_object(r, now) for r in records], indent=2))
+    else:
+        emit(render_status(records, now))
+
+
+# -- chiffon history ------------------------------------------------------------------------
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Sparklines of an agent's history, or a PNG with ``--png``."""
+    with needs_orchestrator_extra("history"):
+        from chiffon_worker.orchestrator.registry import Registry
+
+    if args.width < 10:
+        raise ChiffonError("--width must be at least 10")
+    with Registry.from_config(Config()) as registry:
+        record = registry.agent(args.agent, with_snapshot=False)
+        if record is None:
+            raise ChiffonError(f"no agent {args.agent!r} in the registry")
+        points = registry.history(args.agent)
+    title = f"{record.agent_id} ({record.hostname}, pool {record.pool})"
+    if args.png:
+        if not points:
+            raise ChiffonError(f"{title} has no history yet")
+        save_png(title, points, args.png)
+        emit(f"wrote {args.png}")
+    else:
+        emit(render_history(title, points, args.width))
+    return EXIT_OK

@@ -1,0 +1,33 @@
+"""The JSON view of one agent in the registry (``chiffon status --json``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from chiffon_worker.signing import SIGNATURE_KEY
+
+if TYPE_CHECKING:
+    from chiffon_worker.orchestrator.registry import AgentRecord
+
+
+def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
+    """One agent for ``chiffon status --json``: registry fields, then its newest snapshot's
+    keys (times in unix seconds, ``age_seconds`` since the newest heartbeat was received)."""
+    obj: dict[str, Any] = {
+        "agent_id": record.agent_id,
+        "hostname": record.hostname,
+        "pool": record.pool,
+        "state": record.state(now),
+        "age_seconds": round(record.age_seconds(now), 3),
+        "boot_id": record.boot_id,
+        "seq": record.seq,
+        "restarts": record.restarts,
+        "missed": record.missed,
+        "first_seen": record.first_seen,
+        "last_seen": record.last_seen,
+        "clock_skew_seconds": record.clock_skew_seconds,
+    }
+    for key, value in record.snapshot.items():
+        if key not in obj and key != SIGNATURE_KEY:
+            obj[key] = value
+    return obj
