@@ -2,54 +2,98 @@
 
 Layers, lowest to highest precedence::
 
-    defaults < /etc/chiffon/agent.yml < ~/.chiffon/agent.yml < $CHIFFON_CONFIG < environment
+    defaults < /etc/chiffon/agent.yml < ~/.chiffon/agent.yml < $CHIFFON_CONFIG
+             < environment (CHIFFON_<KEY>, plus CHIFFON_HEARTBEAT_INTERVAL, CHIFFON_AGENT_ID)
+             < keyword arguments of Config()
 
-Files are read through dynaconf (YAML only, always the safe loader); the environment
-gives ``CHIFFON_<KEY>`` for every key plus the short names ``CHIFFON_HEARTBEAT_INTERVAL``
-and ``CHIFFON_AGENT_ID``. Construction validates everything and raises one
-:class:`~chiffon_worker.errors.ConfigError` naming the file, key and problem. The object
-remembers where each value came from (``Config.sources``) for ``chiffon config show``.
+Every setting is declared once, as a field of :class:`Config` built with
+:func:`~chiffon_worker.settings_spec.setting` (type, default, unit, doc, check, secret/URL,
+extra environment names). ``KEYS`` and everything else derive from those fields.
+Construction validates everything and raises one
+:class:`~chiffon_worker.errors.ConfigError` naming the file (or ``environment
+CHIFFON_X``), the key and the problem. The object remembers where each value came from
+(``Config.sources``) for ``chiffon config show``.
+
+**What dynaconf does.** It is the layered store: each layer is handed, weakest first, to
+one dynaconf settings object, tagged with a dynaconf ``SourceMetadata`` (loader ``yaml``
+and the file path, ``env`` and the variable name, ``default``, ``argument``). dynaconf's
+override order gives the effective values, and its load history
+(``dynaconf.utils.inspect.get_history``) gives each key's source. YAML is parsed by
+dynaconf's YAML parser (its vendored ruamel), safe loader only. The store is set up inert:
+no files, loaders, ``.env`` or environment of its own, no auto-casting (YAML values are
+data: ``@int``, ``@format``, ``@read_file`` stay text). dynaconf lets a ``*_FOR_DYNACONF``
+environment variable override any of that (``AUTO_CAST_FOR_DYNACONF=true``,
+``YAML_LOADER_FOR_DYNACONF=load``), so those are removed from the environment before the
+store is built.
+
+**What stays our own code, and why** (each point tried with dynaconf 3.3.5):
+
+* Finding and reading the files. Given ``settings_files``, dynaconf also loads an
+  ``agent.local.yml`` found next to a file, follows ``dynaconf_include`` keys to other
+  files, silently ignores a file whose name does not end in ``.yml``/``.yaml``, turns an
+  unreadable file or a directory into a ``warnings.warn`` and carries on, and raises
+  ``UnicodeDecodeError`` / ``AttributeError`` (text that is not UTF-8; a file holding a
+  list) without the file's name. We read each file ourselves (missing system and user
+  files are skipped, ``$CHIFFON_CONFIG`` must exist), so each of those is a one-line
+  ConfigError naming the file, with the line number for malformed YAML.
+* The environment. dynaconf's environment loader reads ``os.environ`` only (so
+  ``Config(environ=...)`` could not work), parses every value as TOML (``0x1628`` becomes
+  5672, a password ``true`` a bool, ``1_000`` 1000, ``"x"`` loses its quotes), also reads
+  ``DYNACONF_*``, has no aliases, and records only the prefix, not the variable. We take
+  ``CHIFFON_<KEY>`` and the aliases as literal text and hand each variable to the store as
+  its own source.
+* Coercion and checks. dynaconf ``Validator`` messages are templates of name, value and
+  operation (``PORT must lte 65535 but it is 70000 in env main``): they cannot say
+  ``scheme 'http' is not one of ...``, do not know the file a value came from, print URL
+  passwords, and running them writes each key back through ``set(loader_identifier=
+  "validator")``, adding an entry to the very history the sources are read from. So each
+  value is coerced in its own layer (a wrong type names that layer) and each key's check
+  runs once, explicitly, on the effective value (naming the layer it came from).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
-import re
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from chiffon_worker.errors import ConfigError
+from chiffon_worker.settings_spec import (
+    ENV_PREFIX,
+    InvalidValue,
+    Key,
+    bounded,
+    declared_keys,
+    name_or_blank,
+    nonblank_name,
+    one_of,
+    setting,
+    url_with_scheme,
+)
 
 log = logging.getLogger(__name__)
 
 SYSTEM_CONFIG_FILE = Path("/etc/chiffon/agent.yml")
 USER_CONFIG_RELATIVE = Path(".chiffon") / "agent.yml"
-ENV_PREFIX = "CHIFFON_"
-#: Short environment names kept for operators' muscle memory; the long form wins if both are set.
-ENV_ALIASES = {
-    "CHIFFON_HEARTBEAT_INTERVAL": "heartbeat_interval_seconds",
-    "CHIFFON_AGENT_ID": "agent_id",
-}
 #: Environment variables that are ours but not settings (they must not warn as unknown keys).
 ENV_NOT_SETTINGS = frozenset({"CHIFFON_CONFIG", "CHIFFON_BOOT_ID"})
-#: Keys whose values are never shown or logged.
-SECRET_KEYS = frozenset({"rabbitmq_password", "heartbeat_secret"})
-#: Keys that are URLs which may carry a password.
-URL_KEYS = frozenset({"broker_url", "result_backend", "database_url"})
-#: Kept in sync with ``deploy/agent.yml``; a machine's ID namespace for ``uuid5``.
+#: A machine's ID namespace for ``uuid5`` (changing it changes every derived agent_id).
 _AGENT_ID_NAMESPACE = uuid.UUID("5b0e6f2e-4b8e-4d53-9c43-2f1c6a0f9a51")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss", "memory")
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 _POOLS = ("solo", "threads", "prefork")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: dynaconf ``SourceMetadata.loader`` of each layer we stack.
+_DEFAULT, _FILE, _ENV, _ARGUMENT = "default", "yaml", "env", "argument"
 
 
 def default_state_dir() -> str:
@@ -57,91 +101,6 @@ def default_state_dir() -> str:
     xdg = os.environ.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "state"
     return str(base / "chiffon")
-
-
-@dataclass(frozen=True)
-class _Key:
-    """One setting: its type, default and a check returning a problem text or None."""
-
-    type: type
-    default: Any
-    doc: str
-    check: Callable[[Any], str | None] | None = None
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be greater than 0"
-
-
-def _bounded(low: float, high: float) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if low <= value <= high else f"must be between {low:g} and {high:g}"
-
-    return check
-
-
-def _name_or_blank(value: Any) -> str | None:
-    if value == "" or _NAME_RE.match(value):
-        return None
-    return "must be 1-128 characters of letters, digits, '.', '_' or '-'"
-
-
-def _name(value: Any) -> str | None:
-    return "must not be blank" if value == "" else _name_or_blank(value)
-
-
-def _url_with_scheme(*schemes: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if value == "":
-            return None
-        try:
-            scheme = urlsplit(value).scheme
-        except ValueError as exc:
-            return f"is not a valid URL ({exc})"
-        if scheme not in schemes:
-            return f"scheme {scheme or '(none)'!r} is not one of {', '.join(schemes)}"
-        return None
-
-    return check
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}"
-
-    return check
-
-
-KEYS: dict[str, _Key] = {
-    "heartbeat_interval_seconds": _Key(
-        float, 30.0, "seconds between heartbeats", _bounded(0.1, 86400)),
-    "heartbeat_timeout_seconds": _Key(
-        float, 90.0, "seconds without a heartbeat before the agent counts as offline; "
-        "heartbeat messages expire after it", _bounded(0.1, 7 * 86400)),
-    "gpu_detection_timeout_seconds": _Key(
-        float, 5.0, "upper bound in seconds on one GPU probe (NVML, nvidia-smi, sysfs)",
-        _bounded(0.05, 600)),
-    "agent_id": _Key(str, "", "this agent's id; blank derives a stable UUID from the machine",
-                     _name_or_blank),
-    "agent_pool_name": _Key(str, "desktop_pool_1", "the pool queue this agent consumes", _name),
-    "rabbitmq_host": _Key(str, "127.0.0.1", "RabbitMQ host (used when broker_url is blank)"),
-    "rabbitmq_port": _Key(int, 5672, "RabbitMQ port", _bounded(1, 65535)),
-    "rabbitmq_user": _Key(str, "guest", "RabbitMQ user"),
-    "rabbitmq_password": _Key(str, "guest", "RabbitMQ password (secret)"),
-    "rabbitmq_vhost": _Key(str, "/", "RabbitMQ virtual host"),
-    "broker_url": _Key(str, "", "full broker URL (amqp://, redis://); overrides rabbitmq_*",
-                       _url_with_scheme(*_BROKER_SCHEMES)),
-    "result_backend": _Key(str, "", "result backend; blank: rpc:// (Redis broker: the same Redis)"),
-    "database_url": _Key(str, "", "orchestrator registry; blank: SQLite in state_dir",
-                         _url_with_scheme("sqlite", "postgresql", "postgresql+psycopg")),
-    "state_dir": _Key(str, "", "directory for the registry and beat state; blank: per-user"),
-    "sysfs_root": _Key(str, "/sys", "where sysfs is mounted (like node_exporter --path.sysfs)"),
-    "worker_pool": _Key(str, "threads", "Celery pool for execute_work", _one_of(*_POOLS)),
-    "worker_concurrency": _Key(int, 1, "execute_work slots", _bounded(1, 1024)),
-    "log_level": _Key(str, "INFO", "log level", _one_of(*_LOG_LEVELS)),
-    "heartbeat_secret": _Key(str, "", "optional HMAC key signing heartbeats (secret)"),
-    "metrics_port": _Key(int, 9808, "orchestrator Prometheus port", _bounded(0, 65535)),
-}
 
 
 def mask_url(url: str) -> str:
@@ -160,169 +119,69 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
 
 
-def _coerce(key: str, spec: _Key, value: Any, source: str) -> Any:
-    """Convert a raw value (YAML scalar or environment string) to the key's type."""
-    if value is None:
-        raise ConfigError(source, key, "has no value (write a value or remove the key)")
-    if spec.type is str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(source, key, f"expected text, got {type(value).__name__}")
-        return str(value).strip()
-    if spec.type in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(source, key, f"expected a number, got {value!r}")
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ConfigError(source, key, f"expected a number, got {value!r}") from None
-        if not isinstance(value, int | float):
-            raise ConfigError(source, key, f"expected a number, got {type(value).__name__}")
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:
-            raise ConfigError(source, key, "is too large") from None
-        if not finite:
-            raise ConfigError(source, key, f"expected a finite number, got {value!r}")
-        if spec.type is int:
-            if value != int(value):
-                raise ConfigError(source, key, f"expected a whole number, got {value!r}")
-            return int(value)
-        return float(value)
-    raise AssertionError(f"unhandled type for {key}")  # pragma: no cover
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    """Load one YAML file through dynaconf's safe loader; every failure is a ConfigError."""
-    source = str(path)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise ConfigError(source, None, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(source, None, "is not UTF-8 text") from None
-    if not text.strip():
-        return {}
-    os.environ.pop("YAML_LOADER_FOR_DYNACONF", None)  # never the unsafe loader
-    from dynaconf import Dynaconf
-    from dynaconf.vendor.ruamel.yaml.error import (
-        MarkedYAMLError,
-        MarkedYAMLFutureWarning,
-        YAMLError,
-    )
-
-    try:
-        settings = Dynaconf(
-            settings_files=[source], environments=False, core_loaders=["YAML"], loaders=[],
-            load_dotenv=False, envvar_prefix="CHIFFON_NO_ENV_LOADER", merge_enabled=False,
-            # values are data: no "@int", "@format", "@read_file" ... token evaluation
-            auto_cast=False,
-        )
-        data = settings.as_dict()
-    except (MarkedYAMLError, MarkedYAMLFutureWarning) as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = (exc.problem or exc.context or "invalid YAML").strip()
-        raise ConfigError(source, None, f"invalid YAML at {line}{problem}") from None
-    except YAMLError as exc:
-        raise ConfigError(source, None, f"invalid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(source, None, "invalid YAML: recursive alias") from None
-    except (AttributeError, TypeError):
-        # dynaconf assumes a mapping at the top level and fails this way on lists and scalars
-        raise ConfigError(source, None, "must be a mapping of key: value lines") from None
-    data.pop("LOAD_DOTENV", None)
-    return {str(k).lower(): v for k, v in data.items()}
-
-
-def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, list(KEYS), n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
-def _env_layer(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
-    """(key, raw value, variable name) for every chiffon setting in the environment."""
-    found: dict[str, tuple[str, str]] = {}
-    for name, key in ENV_ALIASES.items():
-        if name in environ:
-            found[key] = (environ[name], name)
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ENV_ALIASES or name in ENV_NOT_SETTINGS:
-            continue
-        key = name[len(ENV_PREFIX):].lower()
-        if key not in KEYS:
-            log.warning("ignoring unknown environment variable %s%s", name, _closest(key))
-            continue
-        found[key] = (value, name)  # the long form wins over a short alias
-    return [(key, value, name) for key, (value, name) in found.items()]
-
-
-def _machine_agent_id(state_dir: Path) -> str:
-    """A UUID stable across restarts of this machine and different between machines.
-
-    Derived from ``/etc/machine-id`` (systemd) or ``/var/lib/dbus/machine-id``; on a
-    machine with neither, a random UUID is kept in ``state_dir/agent-id``.
-    """
-    for candidate in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
-        try:
-            machine_id = candidate.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if machine_id:
-            return str(uuid.uuid5(_AGENT_ID_NAMESPACE, machine_id))
-    id_file = state_dir / "agent-id"
-    try:
-        return str(uuid.UUID(id_file.read_text(encoding="ascii").strip()))
-    except (OSError, ValueError, UnicodeDecodeError):
-        pass
-    new_id = str(uuid.uuid4())
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(new_id + "\n", encoding="ascii")
-    except OSError as exc:
-        raise ConfigError(str(id_file), "agent_id",
-                          f"no machine-id and cannot store a generated one: {exc.strerror}"
-                          ) from None
-    return new_id
-
-
 @dataclass(frozen=True, init=False)
 class Config:
     """The effective configuration; read-only after construction.
 
     ``Config()`` loads the standard layers. Keyword arguments override every layer
     (source ``"argument"``), which is how tests and embedding code pin values. ``environ``
-    and ``home`` replace ``os.environ`` and the home directory for the lookup.
+    and ``home`` replace ``os.environ`` and the home directory for the lookup;
+    ``system_file`` replaces ``/etc/chiffon/agent.yml``.
     """
 
-    heartbeat_interval_seconds: float
-    heartbeat_timeout_seconds: float
-    gpu_detection_timeout_seconds: float
-    agent_id: str
-    agent_pool_name: str
-    rabbitmq_host: str
-    rabbitmq_port: int
-    rabbitmq_user: str
-    rabbitmq_password: str
-    rabbitmq_vhost: str
-    broker_url: str
-    result_backend: str
-    database_url: str
-    state_dir: str
-    sysfs_root: str
-    worker_pool: str
-    worker_concurrency: int
-    log_level: str
-    heartbeat_secret: str
-    metrics_port: int
-    hostname: str
-    #: key -> where its value came from ("default", a file path, "env CHIFFON_X", "argument")
-    sources: Mapping[str, str] = field(compare=False, repr=False)
+    # -- heartbeats ----------------------------------------------------------------------
+    heartbeat_interval_seconds: float = setting(
+        30.0, "time between heartbeats", unit="s", check=bounded(0.1, 86400),
+        env_aliases=("CHIFFON_HEARTBEAT_INTERVAL",))
+    heartbeat_timeout_seconds: float = setting(
+        90.0, "time without a heartbeat before the agent counts as offline; heartbeat "
+        "messages expire after it (at least heartbeat_interval_seconds)", unit="s",
+        check=bounded(0.1, 7 * 86400))
+    gpu_detection_timeout_seconds: float = setting(
+        5.0, "upper bound on one GPU probe (NVML, nvidia-smi, rocm-smi, sysfs)", unit="s",
+        check=bounded(0.05, 600))
+    # -- identity ------------------------------------------------------------------------
+    agent_id: str = setting(
+        "", "this agent's id; blank derives a stable UUID from the machine",
+        check=name_or_blank, env_aliases=("CHIFFON_AGENT_ID",))
+    agent_pool_name: str = setting(
+        "desktop_pool_1", "the pool queue this agent consumes", check=nonblank_name)
+    # -- broker --------------------------------------------------------------------------
+    rabbitmq_host: str = setting("127.0.0.1", "RabbitMQ host (used when broker_url is blank)")
+    rabbitmq_port: int = setting(5672, "RabbitMQ TCP port", check=bounded(1, 65535))
+    rabbitmq_user: str = setting("guest", "RabbitMQ user")
+    rabbitmq_password: str = setting("guest", "RabbitMQ password", secret=True)
+    rabbitmq_vhost: str = setting("/", "RabbitMQ virtual host")
+    broker_url: str = setting(
+        "", "full broker URL (amqp://, redis://); overrides rabbitmq_*",
+        check=url_with_scheme(*_BROKER_SCHEMES), url=True)
+    result_backend: str = setting(
+        "", "result backend; blank: rpc:// (Redis broker: the same Redis)", url=True)
+    database_url: str = setting(
+        "", "orchestrator registry; blank: SQLite in state_dir",
+        check=url_with_scheme(*_DATABASE_SCHEMES), url=True)
+    # -- paths ---------------------------------------------------------------------------
+    state_dir: str = setting(
+        "", "directory for the registry and beat state; blank: per-user")
+    sysfs_root: str = setting(
+        "/sys", "where sysfs is mounted (like node_exporter --path.sysfs)")
+    # -- execution -----------------------------------------------------------------------
+    worker_pool: str = setting("threads", "Celery pool for execute_work", check=one_of(*_POOLS))
+    worker_concurrency: int = setting(1, "execute_work slots", check=bounded(1, 1024))
+    log_level: str = setting("INFO", "log level", check=one_of(*_LOG_LEVELS))
+    # -- orchestrator side ---------------------------------------------------------------
+    heartbeat_secret: str = setting(
+        "", "optional HMAC key signing heartbeats; blank: unsigned", secret=True)
+    metrics_port: int = setting(
+        9808, "orchestrator Prometheus TCP port; 0 disables it", check=bounded(0, 65535))
+
+    #: this machine's host name, for display (not a setting)
+    hostname: str = field(default="")
+    #: key -> where its value came from: "default", a file path, "environment CHIFFON_X",
+    #: "argument", "derived from machine-id" (agent_id), "system" (hostname)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: the config files that were found and loaded, lowest precedence first
-    files_loaded: tuple[str, ...] = field(compare=False, repr=False)
+    files_loaded: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __init__(
         self,
@@ -334,38 +193,22 @@ class Config:
     ) -> None:
         env = os.environ if environ is None else environ
         home_dir = Path(home) if home is not None else Path.home()
-        values: dict[str, Any] = {key: spec.default for key, spec in KEYS.items()}
-        sources: dict[str, str] = dict.fromkeys(KEYS, "default")
-        files: list[Path] = [Path(system_file) if system_file else SYSTEM_CONFIG_FILE,
-                             home_dir / USER_CONFIG_RELATIVE]
-        explicit = env.get("CHIFFON_CONFIG", "").strip()
-        if explicit:
-            path = Path(explicit).expanduser()
-            if path.is_dir():
-                raise ConfigError("CHIFFON_CONFIG", None,
-                                  f"{path} is a directory, not a config file")
-            if not path.is_file():
-                raise ConfigError("CHIFFON_CONFIG", None, f"{path} does not exist")
-            files.append(path)
+        layers = _Layers()
+        layers.add(_DEFAULT, "default", {name: key.default for name, key in KEYS.items()})
         loaded: list[str] = []
-        for path in files:
+        for path in _config_files(env, home_dir, system_file):
             if not path.exists():
                 continue
-            for key, raw in _read_file(path).items():
-                if key not in KEYS:
-                    log.warning("%s: unknown key %r ignored%s", path, key, _closest(key))
-                    continue
-                values[key] = _coerce(key, KEYS[key], raw, str(path))
-                sources[key] = str(path)
+            layers.add(_FILE, str(path), _file_layer(path))
             loaded.append(str(path))
-        for key, raw, name in _env_layer(env):
-            values[key] = _coerce(key, KEYS[key], raw, f"environment {name}")
-            sources[key] = f"environment {name}"
-        for key, raw in overrides.items():
-            if key not in KEYS:
-                raise TypeError(f"Config() got an unknown setting {key!r}{_closest(key)}")
-            values[key] = _coerce(key, KEYS[key], raw, "argument")
-            sources[key] = "argument"
+        for name, key, raw in _env_settings(env):
+            layers.add(_ENV, name, {key.name: _coerce(key, raw, f"environment {name}")})
+        for name in overrides:
+            if name not in KEYS:
+                raise TypeError(f"Config() got an unknown setting {name!r}{_closest(name)}")
+        layers.add(_ARGUMENT, "argument",
+                   {name: _coerce(KEYS[name], raw, "argument") for name, raw in overrides.items()})
+        values, sources = layers.effective()
         _validate(values, sources)
         if not values["state_dir"]:
             values["state_dir"] = default_state_dir()
@@ -375,8 +218,8 @@ class Config:
             sources["agent_id"] = "derived from machine-id"
         values["hostname"] = socket.gethostname()
         sources["hostname"] = "system"
-        for key, value in values.items():
-            object.__setattr__(self, key, value)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "sources", dict(sources))
         object.__setattr__(self, "files_loaded", tuple(loaded))
         log.debug("config loaded from %s", ", ".join(loaded) or "defaults and environment")
@@ -419,38 +262,252 @@ class Config:
     @property
     def agent_queue(self) -> str:
         """The queue only this agent consumes."""
-        return f"chiffon.agent.{self.agent_id}"
+        from chiffon_worker.wire import agent_queue_name  # kombu: only when asked
+
+        return agent_queue_name(self.agent_id)
+
+    def __repr__(self) -> str:
+        """The masked view: a logged Config shows no secret."""
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.masked().items())
+        return f"{type(self).__name__}({shown})"
 
     def masked(self) -> dict[str, Any]:
-        """Every setting with secrets replaced by ``**`` and URL passwords masked."""
-        out: dict[str, Any] = {}
-        for key in (*KEYS, "hostname"):
-            value = getattr(self, key)
-            if key in SECRET_KEYS and value:
-                value = "**"
-            elif key in URL_KEYS and value:
-                value = mask_url(value)
-            out[key] = value
+        """Every setting (and the hostname) with secrets as ``**`` and URL passwords masked."""
+        out = {name: _shown(key, getattr(self, name)) for name, key in KEYS.items()}
+        out["hostname"] = self.hostname
         return out
 
 
-def _validate(values: dict[str, Any], sources: dict[str, str]) -> None:
-    for key, spec in KEYS.items():
-        if spec.check is None:
-            continue
-        problem = spec.check(values[key])
-        if problem:
-            shown = values[key]
-            if key in SECRET_KEYS:
-                shown = "**"
-            elif key in URL_KEYS:
-                shown = mask_url(shown)
-            raise ConfigError(sources[key], key, f"{problem} (got {shown!r})")
-    interval = values["heartbeat_interval_seconds"]
-    timeout = values["heartbeat_timeout_seconds"]
-    if timeout < interval:
-        raise ConfigError(
-            sources["heartbeat_timeout_seconds"], "heartbeat_timeout_seconds",
-            f"{timeout:g} s is shorter than heartbeat_interval_seconds {interval:g} s "
-            f"(from {sources['heartbeat_interval_seconds']}); use about 3x the interval",
+#: name -> declared setting, in declaration order (derived from the fields of Config).
+KEYS: Mapping[str, Key] = MappingProxyType(declared_keys(Config))
+#: Short environment names kept for operators' muscle memory; the long form wins if both are set.
+ENV_ALIASES: Mapping[str, str] = MappingProxyType(
+    {alias: name for name, key in KEYS.items() for alias in key.spec.env_aliases})
+#: Keys whose values are never shown or logged.
+SECRET_KEYS = frozenset(name for name, key in KEYS.items() if key.spec.secret)
+#: Keys that are URLs which may carry a password.
+URL_KEYS = frozenset(name for name, key in KEYS.items() if key.spec.url)
+
+
+# -- the layers ------------------------------------------------------------------------------
+
+
+class _Layers:
+    """The dynaconf settings object the layers are stacked in, weakest first."""
+
+    def __init__(self) -> None:
+        _drop_dynaconf_switches()
+        from dynaconf import Dynaconf
+
+        self._store: Any = Dynaconf(
+            settings_files=[], core_loaders=[], loaders=[], includes=[], preload=[],
+            secrets=None, environments=False, load_dotenv=False, sysenv_fallback=False,
+            fresh_vars=[], auto_cast=False, merge_enabled=False, dotted_lookup=False,
+            nested_separator="__", index_separator=None, lowercase_read=True,
+            validate_on_update=False, redis_enabled=False, vault_enabled=False,
+            yaml_loader="safe_load",
         )
+
+    def add(self, loader: str, identifier: str, values: Mapping[str, Any]) -> None:
+        """Stack ``values`` (already coerced) over what is there, as source ``identifier``."""
+        from dynaconf.loaders.base import SourceMetadata
+
+        if values:
+            self._store.update({name.upper(): value for name, value in values.items()},
+                               loader_identifier=SourceMetadata(loader, identifier, "global"),
+                               tomlfy=False, merge=False, dotted_lookup=False, validate=False)
+
+    def effective(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(name -> effective value, name -> its source) for every key, from dynaconf."""
+        from dynaconf.utils.inspect import get_history
+
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name in KEYS:
+            values[name] = self._store.get(name.upper())
+            # oldest first; dynaconf's own entries (its defaults, init kwargs) filtered out
+            history = get_history(self._store, name.upper(),
+                                  filter_callable=lambda meta: meta.loader in _SOURCE_TEXT)
+            last = history[-1]
+            sources[name] = _SOURCE_TEXT[last["loader"]].format(last["identifier"])
+        return values, sources
+
+
+def _drop_dynaconf_switches() -> None:
+    """Remove dynaconf's own ``*_FOR_DYNACONF`` variables from the process environment.
+
+    dynaconf lets each of them override what its constructor is given (its
+    ``default_loader`` reads them last): ``YAML_LOADER_FOR_DYNACONF=load`` switches its
+    YAML reading to the unsafe loader, ``AUTO_CAST_FOR_DYNACONF=true`` would evaluate
+    ``@read_file`` and ``@format`` in our values, ``NESTED_SEPARATOR_FOR_DYNACONF=_``
+    would split our keys into nested ones. chiffon sets dynaconf up itself.
+    """
+    found = sorted(name for name in os.environ if name.endswith("_FOR_DYNACONF"))
+    for name in found:
+        os.environ.pop(name, None)
+    if found:  # quietly: other programs' dynaconf settings are no concern of the user here
+        log.debug("ignoring %s in the environment: chiffon configures dynaconf itself",
+                  ", ".join(found))
+
+
+#: How each layer's SourceMetadata reads in ``Config.sources`` and error messages.
+_SOURCE_TEXT = {_DEFAULT: "{}", _FILE: "{}", _ENV: "environment {}", _ARGUMENT: "{}"}
+
+
+def _config_files(env: Mapping[str, str], home_dir: Path,
+                  system_file: str | os.PathLike[str] | None) -> list[Path]:
+    """The config files to try, weakest first; ``$CHIFFON_CONFIG`` must exist."""
+    files = [Path(system_file).expanduser() if system_file else SYSTEM_CONFIG_FILE,
+             home_dir / USER_CONFIG_RELATIVE]
+    explicit = env.get("CHIFFON_CONFIG", "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_dir():
+            raise ConfigError("CHIFFON_CONFIG", None, f"{path} is a directory, not a config file")
+        if not path.is_file():
+            raise ConfigError("CHIFFON_CONFIG", None, f"{path} does not exist")
+        files.append(path)
+    # a file named twice is read once, where it is strongest (one source per path)
+    return list(reversed(dict.fromkeys(reversed(files))))
+
+
+def _file_layer(path: Path) -> dict[str, Any]:
+    """The known keys of one config file, coerced; unknown keys warn and are dropped."""
+    layer: dict[str, Any] = {}
+    for raw_key, raw in _read_yaml(path).items():
+        name = str(raw_key).lower()
+        if name not in KEYS:
+            log.warning("%s: unknown key %r ignored%s", path, name, _closest(name))
+            continue
+        layer[name] = _coerce(KEYS[name], raw, str(path))
+    return layer
+
+
+def _read_yaml(path: Path) -> dict[Any, Any]:
+    """One YAML file as a mapping (dynaconf's YAML parser, safe loader); failures: ConfigError."""
+    source = str(path)
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(source, None, "is not UTF-8 text") from None
+    from dynaconf.vendor.ruamel import yaml
+    from dynaconf.vendor.ruamel.yaml.error import (
+        MarkedYAMLError,
+        MarkedYAMLFutureWarning,
+        YAMLError,
+    )
+
+    try:
+        data = yaml.safe_load(text)
+    except (MarkedYAMLError, MarkedYAMLFutureWarning) as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = (exc.problem or exc.context or "invalid YAML").strip()
+        raise ConfigError(source, None, f"invalid YAML at {line}{problem}") from None
+    except YAMLError as exc:
+        raise ConfigError(source, None, f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(source, None, "invalid YAML: recursive alias") from None
+    if data is None:  # empty, or only comments
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, None, "must be a mapping of key: value lines")
+    return data
+
+
+def _env_settings(environ: Mapping[str, str]) -> list[tuple[str, Key, str]]:
+    """(variable, key, raw text) for every setting in the environment, one per key.
+
+    Of a key's names the strongest one set wins (``CHIFFON_<KEY>`` over an alias). Other
+    ``CHIFFON_*`` variables warn, with the closest key, and are ignored.
+    """
+    found: list[tuple[str, Key, str]] = []
+    known: set[str] = set(ENV_NOT_SETTINGS)
+    for key in KEYS.values():
+        known.update(key.env_names)
+        present = [name for name in key.env_names if name in environ]
+        if present:
+            found.append((present[-1], key, environ[present[-1]]))
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            log.warning("ignoring unknown environment variable %s%s", name,
+                        _closest(name[len(ENV_PREFIX):].lower()))
+    return found
+
+
+def _coerce(key: Key, raw: Any, source: str) -> Any:
+    try:
+        return key.coerce(raw)
+    except InvalidValue as exc:
+        raise ConfigError(source, key.name, str(exc)) from None
+
+
+def _closest(name: str) -> str:
+    match = difflib.get_close_matches(name, list(KEYS), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _shown(key: Key, value: Any) -> Any:
+    """``value`` as it may be shown: secrets as ``**``, URLs with the password masked."""
+    if key.spec.secret and value:
+        return "**"
+    if key.spec.url and value:
+        return mask_url(value)
+    return value
+
+
+def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Each key's check on its effective value, then the checks across keys."""
+    for name, key in KEYS.items():
+        problem = key.spec.check(values[name]) if key.spec.check else None
+        if problem:
+            raise ConfigError(sources[name], name,
+                              f"{problem} (got {_shown(key, values[name])!r})")
+    _check_timeout_covers_interval(values, sources)
+
+
+def _check_timeout_covers_interval(values: Mapping[str, Any],
+                                   sources: Mapping[str, str]) -> None:
+    interval, timeout = "heartbeat_interval_seconds", "heartbeat_timeout_seconds"
+    unit = KEYS[timeout].spec.unit
+    if values[timeout] < values[interval]:
+        raise ConfigError(
+            sources[timeout], timeout,
+            f"{values[timeout]:g} {unit} is shorter than {interval} {values[interval]:g} "
+            f"{unit} (from {sources[interval]}); use about 3x the interval",
+        )
+
+
+def _machine_agent_id(state_dir: Path) -> str:
+    """A UUID stable across restarts of this machine and different between machines.
+
+    Derived from ``/etc/machine-id`` (systemd) or ``/var/lib/dbus/machine-id``; on a
+    machine with neither, a random UUID is kept in ``state_dir/agent-id``.
+    """
+    for candidate in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        try:
+            machine_id = candidate.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if machine_id:
+            return str(uuid.uuid5(_AGENT_ID_NAMESPACE, machine_id))
+    id_file = state_dir / "agent-id"
+    try:
+        return str(uuid.UUID(id_file.read_text(encoding="ascii").strip()))
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    new_id = str(uuid.uuid4())
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(new_id + "\n", encoding="ascii")
+    except OSError as exc:
+        raise ConfigError(str(id_file), "agent_id",
+                          f"no machine-id and cannot store a generated one: {exc.strerror}"
+                          ) from None
+    return new_id
+
