@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     submit,
     unique,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -198,11 +199,16 @@ def test_next_request_waits_on_the_pool_queue_while_the_only_slot_is_busy(
     first = client.send_task(EXECUTE_WORK_TASK, args=[busy], queue=agent.pool)
     agent.wait_for_log(rf"work {busy['work_id']}: sleeping", timeout=10)
     second = client.send_task(EXECUTE_WORK_TASK, args=[_request()], queue=agent.pool)
-    time.sleep(0.5)
-    waiting = queue_depth(agent.broker_url, agent.pool)
-    first.get(timeout=10)
-    second.get(timeout=10)
-    assert waiting == 1  # prefetch 1: left for another agent of the pool to take
+    # prefetch 1: the message stays ready in the queue, for another agent of the pool to
+    # take (an agent prefetching more would have it delivered at once, never ready)
+    try:
+        wait_until(lambda: queue_depth(agent.broker_url, agent.pool) == 1, 10,
+                   "the second request to wait, ready, in the pool queue")
+        still_busy = not first.ready()
+    finally:  # the shared agent is left idle for the next test either way
+        first.get(timeout=10)
+        second.get(timeout=10)
+    assert still_busy  # it was seen waiting while the slot was busy, not after
 
 
 def test_pickle_message_is_refused_and_the_worker_keeps_serving(
@@ -248,9 +254,8 @@ def test_work_of_a_worker_killed_mid_task_goes_back_to_the_pool_queue(
         victim.wait_for_log(rf"work {request['work_id']}: sleeping", timeout=10)
         assert queue_depth(rabbitmq_url, victim.pool) == 0  # delivered, not yet acked
         victim.kill()
-        deadline = time.monotonic() + 10
-        while queue_depth(rabbitmq_url, victim.pool) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: queue_depth(rabbitmq_url, victim.pool) == 1, 10,
+                   "the broker to requeue the killed worker's message")
         with Connection(rabbitmq_url) as conn:
             message = conn.SimpleQueue(victim.pool).get(timeout=5)
             message.ack()

@@ -7,7 +7,6 @@ import base64
 import json
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import pytest
 from tests.integration.conftest import WatchedAgent
 from tests.integration.helpers import CELERY, agent_environment, submit, unique
 from tests.integration.private_rabbit import free_port, port_open
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +38,20 @@ def _get(url: str, *, auth: bool = True) -> Any:
 
 
 def _poll(url: str, accept: Callable[[Any], bool], timeout: float) -> Any:
-    """GET ``url`` until ``accept(json)`` holds; returns the last answer."""
-    deadline = time.monotonic() + timeout
-    answer: Any = None
-    while time.monotonic() < deadline:
+    """GET ``url`` until ``accept(json)`` holds, and return that answer; fails after
+    ``timeout`` seconds, showing the last answer."""
+    last: list[Any] = [None]
+
+    def accepted() -> tuple[Any] | None:  # a tuple: an accepted answer may be empty
         try:
-            answer = _get(url)
-        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-            answer = None
-        if answer is not None and accept(answer):
-            return answer
-        time.sleep(0.3)
+            last[0] = _get(url)
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError) as exc:
+            last[0] = exc
+            return None
+        return (last[0],) if accept(last[0]) else None
+
+    (answer,) = wait_until(accepted, timeout, lambda: f"{url} to answer as expected; "
+                           f"last answer: {last[0]!r}", interval=0.1)
     return answer
 
 
@@ -66,10 +69,17 @@ def flower(rabbit_agent: WatchedAgent, tmp_path_factory: pytest.TempPathFactory
              f"--port={port}", f"--basic-auth={USER}:{PASSWORD}"],
             env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+
+    def flower_log() -> str:
+        return (tmp / "flower.log").read_text(errors="replace")
+
+    def listening() -> bool:
+        assert process.poll() is None, flower_log()
+        return port_open(port)
+
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(listening, START_TIMEOUT_S,
+                   lambda: f"Flower on port {port}:\n{flower_log()}")
         yield base
     finally:
         process.send_signal(signal.SIGTERM)
@@ -85,7 +95,6 @@ def test_flower_lists_the_agents_worker_with_its_queues(
     agent = rabbit_agent.agent
     workers = _poll(f"{flower}/api/workers?refresh=1",
                     lambda answer: agent.nodename in answer, START_TIMEOUT_S)
-    assert workers is not None and agent.nodename in workers
     queues = {queue["name"] for queue in workers[agent.nodename]["active_queues"]}
     assert queues == {agent.pool, agent.agent_queue}
 
@@ -96,11 +105,9 @@ def test_flower_shows_heartbeat_and_execute_work_tasks(
     submit(rabbit_agent.client, rabbit_agent.agent.pool,
            {"work_id": unique("w"), "work_type": "render", "payload": {}})
     wanted = {"chiffon.heartbeat", "chiffon.execute_work"}
-    tasks = _poll(f"{flower}/api/tasks",
-                  lambda answer: wanted <= {task.get("name") for task in answer.values()},
-                  START_TIMEOUT_S)
-    assert tasks is not None
-    assert wanted <= {task.get("name") for task in tasks.values()}
+    _poll(f"{flower}/api/tasks",
+          lambda answer: wanted <= {task.get("name") for task in answer.values()},
+          START_TIMEOUT_S)
 
 
 def test_flower_api_refuses_requests_without_credentials(flower: str) -> None:

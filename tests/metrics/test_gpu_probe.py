@@ -21,11 +21,12 @@ import pytest
 from chiffon_worker.errors import GpuSourceUnavailable, ProbeTimeout
 from chiffon_worker.metrics import bounded_subprocess as bs
 from chiffon_worker.metrics.gpu import GpuMetrics, GpuProber
-from chiffon_worker.metrics.gpu_types import GpuDevice, flat_gpu_keys
+from chiffon_worker.metrics.gpu_types import GpuDevice, GpuSample, flat_gpu_keys
 from chiffon_worker.metrics.nvml import NvmlSource, shared_source
 from tests.fakes import fake_pynvml as fnv
 from tests.fakes import nvidia_smi as fake
 from tests.fakes import sysfs
+from tests.waiting import wait_until
 
 
 def gib(n_bytes: int) -> float:
@@ -237,24 +238,42 @@ def test_a_reading_younger_than_max_age_is_reused_without_probing(
     assert (gpu.probes_started, tool.calls) == (1, 1)
 
 
-def test_a_reading_older_than_max_age_is_probed_again(
-        root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        make_metrics: Callable[..., GpuMetrics]) -> None:
-    tool = fake.printing(tmp_path, fake.TWO_GPUS)
-    tool.install(monkeypatch)
-    gpu = make_metrics(root, max_age_s=0.05)
-    gpu.sample()
-    time.sleep(0.1)
-    assert gpu.sample().state == "ok"
-    assert tool.calls == 2
-
-
 class FakeClock:
+    """Time that stands still until the test moves ``now``."""
+
     def __init__(self) -> None:
         self.now = 5000.0
 
     def __call__(self) -> float:
         return self.now
+
+
+class SkippingClock:
+    """Real monotonic time that the test can also move forward at once: readings age
+    without sleeping, while ``sample()``'s wait for the probe thread still ends on real
+    time (a frozen clock would never reach a hung probe's deadline)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.skipped
+
+    def skip(self, seconds: float) -> None:
+        self.skipped += seconds
+
+
+def test_a_reading_older_than_max_age_is_probed_again(
+        root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_metrics: Callable[..., GpuMetrics]) -> None:
+    tool = fake.printing(tmp_path, fake.TWO_GPUS)
+    tool.install(monkeypatch)
+    clock = SkippingClock()
+    gpu = make_metrics(root, max_age_s=60, clock=clock)
+    gpu.sample()
+    clock.skip(61)
+    assert gpu.sample().state == "ok"
+    assert tool.calls == 2
 
 
 def test_absence_is_rechecked_only_after_absent_recheck_s(
@@ -300,19 +319,24 @@ def test_hung_nvidia_smi_times_out_on_time_and_later_calls_return_at_once(
         second, elapsed = timed(gpu.sample)
         assert elapsed < 0.05
         assert second.state in ("timeout", "stale")
-        # Keep asking for 1.5 s: background re-probes start (absent_recheck_s=0.3), but
-        # never more than one fake nvidia-smi is alive and no call waits.
+        # Keep asking until two re-probes have started in the background (each after
+        # absent_recheck_s=0.3, the first hung one killed at 1 s): through the hand-over
+        # from one hung nvidia-smi to the next, never more than one is alive and no call
+        # waits.
         worst, alive = 0.0, 0
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
+
+        def reprobed_twice() -> bool:
+            nonlocal worst, alive
             sample, elapsed = timed(gpu.sample)
             assert sample.state == "timeout"
             worst = max(worst, elapsed)
             alive = max(alive, len(fake.running(tool.marker)))
-            time.sleep(0.01)
+            return tool.calls >= 3
+
+        wait_until(reprobed_twice, 10, lambda: f"2 background re-probes ({tool.calls} runs)",
+                   interval=0.01)
         assert worst < 0.05
         assert alive <= 1
-        assert tool.calls >= 2  # it was re-probed in the background meanwhile
     finally:
         fake.kill_all(tool.marker)
 
@@ -322,16 +346,17 @@ def test_nvidia_smi_hanging_after_a_success_serves_the_last_good_reading_as_stal
         make_metrics: Callable[..., GpuMetrics]) -> None:
     tool = fake.hangs_after_first(tmp_path, fake.TWO_GPUS)
     tool.install(monkeypatch)
-    gpu = make_metrics(root, timeout_s=0.5, max_age_s=0.05)
+    clock = SkippingClock()
+    gpu = make_metrics(root, timeout_s=0.5, max_age_s=60, clock=clock)
     try:
         good = gpu.sample()
         assert good.state == "ok"
-        time.sleep(0.1)
+        clock.skip(61)
         stale, elapsed = timed(gpu.sample)
         assert elapsed < 0.5 + 0.5
         assert stale.state == "stale"
         assert stale.reading == good.reading
-        assert stale.age_seconds >= 0.1
+        assert stale.age_seconds >= 61
         keys = flat_gpu_keys(stale)
         assert (keys["gpu_vram_total_gb"], keys["gpu_vram_available_gb"]) == (
             mib_gib(24576), mib_gib(24245))
@@ -356,11 +381,13 @@ def test_in_process_hang_keeps_one_probe_in_flight_and_recovers_when_it_ends(
         assert gpu.probes_started == 1
     finally:
         release.set()
-    deadline = time.monotonic() + 2
-    while gpu.sample().state != "ok" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    recovered = gpu.sample()
-    assert recovered.state == "ok"
+
+    def good_sample() -> GpuSample | None:
+        sample = gpu.sample()
+        return sample if sample.state == "ok" else None
+
+    recovered = wait_until(good_sample, 5, "a reading once the hung probe returned",
+                           interval=0.01)
     assert flat_gpu_keys(recovered)["gpu_vram_total_gb"] == gib(25757220864)
 
 
@@ -387,11 +414,12 @@ def test_an_error_after_a_success_is_reported_as_error_not_stale(
         make_metrics: Callable[..., GpuMetrics]) -> None:
     tool = fake.printing(tmp_path, fake.TWO_GPUS)
     tool.install(monkeypatch)
-    gpu = make_metrics(root, max_age_s=0.05)
+    clock = SkippingClock()
+    gpu = make_metrics(root, max_age_s=60, clock=clock)
     assert gpu.sample().state == "ok"
     lost = fake.failing(tmp_path, 15)
     tool.path.write_text(lost.path.read_text())  # same tool, now the GPU fell off the bus
-    time.sleep(0.1)
+    clock.skip(61)
     sample = gpu.sample()
     assert (sample.state, flat_gpu_keys(sample)["gpu_count"]) == ("error", 0)
 
@@ -414,12 +442,14 @@ class ExplodingSource:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_crashing_probe_is_state_error_and_the_next_probe_still_runs(root: str) -> None:
     source = ExplodingSource()
-    gpu = GpuMetrics(root, 1.0, max_age_s=0.05, prober=GpuProber(root, nvml=NO_NVML, amd=source))
+    clock = SkippingClock()
+    gpu = GpuMetrics(root, 1.0, max_age_s=60, prober=GpuProber(root, nvml=NO_NVML, amd=source),
+                     clock=clock)
     try:
         first, elapsed = timed(gpu.sample)
         assert (first.state, elapsed < 1.0) == ("error", True)
         assert first.error is not None and "crashed" in first.error
-        time.sleep(0.1)
+        clock.skip(61)  # the error is no longer fresh: the next sample probes again
         assert gpu.sample().state == "absent"
         assert source.calls == 2
     finally:
