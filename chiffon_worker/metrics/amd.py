@@ -23,10 +23,9 @@ from chiffon_worker.metrics.drm import (
     card_number,
     drm_cards,
     hwmon_temperature,
-    read_int,
-    read_text,
 )
 from chiffon_worker.metrics.gpu_types import GpuDevice, bytes_to_gib
+from chiffon_worker.metrics.sysfs import read_int, read_text
 
 log = logging.getLogger(__name__)
 

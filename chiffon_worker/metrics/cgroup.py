@@ -11,22 +11,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from chiffon_worker.metrics.sysfs import read_text_or_none
+
 log = logging.getLogger(__name__)
 
 #: cgroup v1 reports "no limit" as a huge page-aligned number; anything above this is none.
 _V1_UNLIMITED_BYTES = 1 << 62
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def _own_paths(proc_root: Path) -> dict[str, str]:
     """Controller -> this process's cgroup path, from ``/proc/self/cgroup``; ``""`` is v2."""
-    text = _read(proc_root / "self" / "cgroup") or ""
+    text = read_text_or_none(proc_root / "self" / "cgroup") or ""
     paths: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split(":", 2)
@@ -66,7 +61,7 @@ class CgroupLimits:
         """CPUs allowed by a CFS quota (v2 ``cpu.max``, v1 ``cfs_quota_us/cfs_period_us``)."""
         limits: list[float] = []
         for directory in _candidates(self._cgroup, self._own.get("")):
-            quota = _parse_cpu_max(_read(directory / "cpu.max"))
+            quota = _parse_cpu_max(read_text_or_none(directory / "cpu.max"))
             if quota is not None:
                 limits.append(quota)
         for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
@@ -74,8 +69,8 @@ class CgroupLimits:
             if not base.is_dir():
                 continue
             for directory in _candidates(base, self._own.get("cpu")):
-                quota = _parse_cfs(_read(directory / "cpu.cfs_quota_us"),
-                                   _read(directory / "cpu.cfs_period_us"))
+                quota = _parse_cfs(read_text_or_none(directory / "cpu.cfs_quota_us"),
+                                   read_text_or_none(directory / "cpu.cfs_period_us"))
                 if quota is not None:
                     limits.append(quota)
             break
@@ -85,13 +80,13 @@ class CgroupLimits:
         """The tightest memory limit on this process's cgroup path, or None."""
         best: MemoryLimit | None = None
         for directory in _candidates(self._cgroup, self._own.get("")):
-            limit = _parse_bytes(_read(directory / "memory.max"))
+            limit = _parse_bytes(read_text_or_none(directory / "memory.max"))
             if limit is not None and (best is None or limit < best.limit_bytes):
                 best = MemoryLimit(limit, directory / "memory.current")
         base = self._cgroup / "memory"
         if base.is_dir():
             for directory in _candidates(base, self._own.get("memory")):
-                limit = _parse_bytes(_read(directory / "memory.limit_in_bytes"))
+                limit = _parse_bytes(read_text_or_none(directory / "memory.limit_in_bytes"))
                 if limit is not None and (best is None or limit < best.limit_bytes):
                     best = MemoryLimit(limit, directory / "memory.usage_in_bytes")
         return best
@@ -106,7 +101,7 @@ class MemoryLimit:
 
     def usage_bytes(self) -> int | None:
         """Current usage of the limited cgroup in bytes, or None if unreadable."""
-        return _parse_bytes(_read(self.usage_path))
+        return _parse_bytes(read_text_or_none(self.usage_path))
 
 
 def _parse_cpu_max(text: str | None) -> float | None:

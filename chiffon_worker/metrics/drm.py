@@ -1,4 +1,4 @@
-"""DRM card enumeration and sysfs attribute reading shared by the GPU sources.
+"""DRM card enumeration shared by the GPU sources.
 
 Cards are ``<sysfs_root>/class/drm/card<N>`` (N may be 10 or more); connector entries such
 as ``card0-DP-1`` are skipped. Units: temperatures in degrees C.
@@ -10,22 +10,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from chiffon_worker.metrics.sysfs import read_int, read_text
+
 CARD_RE = re.compile(r"^card(\d+)$")
-
-
-def read_text(path: Path) -> str | None:
-    """A sysfs attribute, stripped; ``None`` if it does not exist. Other ``OSError``s
-    (EIO from a wedged device, EACCES) propagate."""
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
-    except FileNotFoundError:
-        return None
-
-
-def read_int(path: Path) -> int | None:
-    """A sysfs integer attribute; ``None`` if absent. ``ValueError`` if not an integer."""
-    text = read_text(path)
-    return None if text is None or text == "" else int(text, 0)
 
 
 def drm_cards(sysfs_root: str, vendor: str) -> list[Path]:

@@ -30,8 +30,8 @@ from types import ModuleType
 from typing import Any
 
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable
-from chiffon_worker.metrics.drm import read_text
 from chiffon_worker.metrics.gpu_types import GpuDevice, bytes_to_gib
+from chiffon_worker.metrics.sysfs import read_text
 from chiffon_worker.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
