@@ -9,6 +9,7 @@ Each row is scaled from 0 to its own maximum.
 from __future__ import annotations
 
 import importlib
+import operator
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,19 +17,18 @@ from typing import TYPE_CHECKING
 
 from chiffon_worker.cli.output import format_age
 from chiffon_worker.errors import ChiffonError
+from chiffon_worker.snapshot import HISTORY_FIELDS
 
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import HistoryPoint
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 
-#: (label, unit, value of a point)
-SERIES: tuple[tuple[str, str, Callable[[HistoryPoint], float]], ...] = (
-    ("load 1m", "", lambda p: p.cpu_load_1min),
-    ("cores free", "", lambda p: p.cpu_cores_available),
-    ("mem avail", " GiB", lambda p: p.memory_available_gb),
-    ("vram avail", " GiB", lambda p: p.gpu_vram_available_gb),
-)
+#: (label, unit as written after a number, value of a point): one per history field of
+#: the snapshot declaration, in its order.
+SERIES: tuple[tuple[str, str, Callable[[HistoryPoint], float]], ...] = tuple(
+    (field.label, field.unit_suffix, operator.attrgetter(field.name))
+    for field in HISTORY_FIELDS)
 
 
 def bucket_means(times: Sequence[float], values: Sequence[float], width: int

@@ -3,35 +3,67 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chiffon_worker.cli.output import format_age, render_table
+from chiffon_worker.snapshot import FIELDS_BY_NAME
 
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import AgentRecord
 
-TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE", "CORES", "LOAD", "MEM GiB", "GPU",
-                 "VRAM GiB")
-
 NO_AGENTS = "no agents in the registry yet"
 
 
-def _pair(available: float, total: float) -> str:
-    return f"{available:.1f}/{total:.1f}"
+@dataclass(frozen=True)
+class MetricColumn:
+    """A column showing one stored snapshot field, or ``free/total`` of two.
+
+    The header is ``title`` and the fields' unit (from the snapshot declaration);
+    ``digits``: decimals shown; ``gpu_only``: ``-`` for an agent without a GPU.
+    """
+
+    title: str
+    field: str
+    total: str | None = None
+    digits: int = 1
+    gpu_only: bool = False
+
+    @property
+    def header(self) -> str:
+        unit = FIELDS_BY_NAME[self.field].unit
+        return f"{self.title} {unit}" if unit else self.title
+
+    def cell(self, record: AgentRecord) -> str:
+        if self.gpu_only and record.gpu_type == "none":
+            return "-"
+        value = record.metrics[self.field]
+        if not isinstance(value, int | float):
+            return str(value)
+        shown = f"{value:.{self.digits}f}"
+        if self.total is None:
+            return shown
+        total = record.metrics[self.total]
+        return f"{shown}/{total}" if isinstance(total, int) else f"{shown}/{total:.{self.digits}f}"
+
+
+#: The capacity columns, after agent, host, pool, state and age.
+METRIC_COLUMNS = (
+    MetricColumn("CORES", "cpu_cores_available", "cpu_cores_physical"),
+    MetricColumn("LOAD", "cpu_load_1min", digits=2),
+    MetricColumn("MEM", "memory_available_gb", "memory_total_gb"),
+    MetricColumn("GPU", "gpu_type", gpu_only=True),
+    MetricColumn("VRAM", "gpu_vram_available_gb", "gpu_vram_total_gb", gpu_only=True),
+)
+TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
+                 *(column.header for column in METRIC_COLUMNS))
 
 
 def status_row(record: AgentRecord, now: float) -> list[str]:
     """One table row (see ``TABLE_HEADERS``)."""
-    has_gpu = record.gpu_type != "none"
-    return [
-        record.agent_id, record.hostname, record.pool, record.state(now),
-        format_age(record.age_seconds(now)),
-        f"{record.cpu_cores_available:.1f}/{record.cpu_cores_physical}",
-        f"{record.cpu_load_1min:.2f}",
-        _pair(record.memory_available_gb, record.memory_total_gb),
-        record.gpu_type if has_gpu else "-",
-        _pair(record.gpu_vram_available_gb, record.gpu_vram_total_gb) if has_gpu else "-",
-    ]
+    return [record.agent_id, record.hostname, record.pool, record.state(now),
+            format_age(record.age_seconds(now)),
+            *(column.cell(record) for column in METRIC_COLUMNS)]
 
 
 def render_status(records: Sequence[AgentRecord], now: float) -> str:

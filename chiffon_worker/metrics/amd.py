@@ -130,10 +130,8 @@ class AmdSysfsSource:
                 device, missing_memory = self._card(card)
             except (OSError, ValueError) as exc:
                 log.debug("AMD %s: %s", card, exc)
-                devices.append(GpuDevice(
-                    index=card_number(card), vendor="amd", name="AMD GPU",
-                    vram_total_gb=None, vram_available_gb=None, utilization_percent=None,
-                    temperature_c=None, source=SOURCE, error=f"{card.name}: {exc}"))
+                devices.append(GpuDevice.failed(card_number(card), "amd", "AMD GPU", SOURCE,
+                                                f"{card.name}: {exc}"))
                 continue
             if missing_memory:
                 lacking.append(len(devices))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-GIB = float(2**30)
+from chiffon_worker.snapshot import GIB
 
 Vendor = Literal["nvidia", "amd", "intel"]
 ProbeState = Literal["ok", "stale", "timeout", "error", "absent"]
@@ -34,6 +34,14 @@ class GpuDevice:
     source: str
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, index: int, vendor: Vendor, name: str, source: str, error: str
+               ) -> GpuDevice:
+        """A device that was found but could not be read: every reading unknown."""
+        return cls(index=index, vendor=vendor, name=name, vram_total_gb=None,
+                   vram_available_gb=None, utilization_percent=None, temperature_c=None,
+                   source=source, error=error)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form used in the snapshot's ``gpus`` list."""

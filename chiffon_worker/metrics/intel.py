@@ -80,8 +80,6 @@ class IntelSysfsSource:
                 devices.append(self._card(card))
             except (OSError, ValueError) as exc:
                 log.debug("Intel %s: %s", card, exc)
-                devices.append(GpuDevice(
-                    index=card_number(card), vendor="intel", name="Intel GPU",
-                    vram_total_gb=None, vram_available_gb=None, utilization_percent=None,
-                    temperature_c=None, source=SOURCE, error=f"{card.name}: {exc}"))
+                devices.append(GpuDevice.failed(card_number(card), "intel", "Intel GPU", SOURCE,
+                                                f"{card.name}: {exc}"))
         return tuple(devices)

@@ -212,10 +212,8 @@ class NvmlSource:
         )
 
     def _failed_device(self, index: int, exc: BaseException) -> GpuDevice:
-        name = "NVIDIA GPU"
-        return GpuDevice(index=index, vendor="nvidia", name=name, vram_total_gb=None,
-                         vram_available_gb=None, utilization_percent=None, temperature_c=None,
-                         source=SOURCE, error=f"NVML: {type(exc).__name__}: {exc}")
+        return GpuDevice.failed(index, "nvidia", "NVIDIA GPU", SOURCE,
+                                f"NVML: {type(exc).__name__}: {exc}")
 
     # -- public ----------------------------------------------------------------------------
 

@@ -1,15 +1,16 @@
 """Prometheus ``/metrics`` for the orchestrator: per-agent gauges and consumer counters.
 
 A custom collector reads the registry on every scrape (no state of its own to go
-stale) and the consumer's :class:`~.stats.IngestStats`. Base units, as Prometheus
-expects: bytes (the snapshot's GiB times 2^30) and seconds.
+stale) and the consumer's :class:`~.ingest_counters.IngestStats`. Base units, as
+Prometheus expects: bytes (the snapshot's GiB times 2^30) and seconds.
 
 Per agent (labels ``agent_id``, ``hostname``, ``pool``): ``chiffon_agent_up``,
-``chiffon_agent_cpu_load_1min``, ``chiffon_agent_cpu_cores_available``,
-``chiffon_agent_cpu_cores_physical``, ``chiffon_agent_memory_available_bytes``,
-``chiffon_agent_memory_total_bytes``, ``chiffon_agent_gpu_vram_available_bytes``,
-``chiffon_agent_gpu_vram_total_bytes``, ``chiffon_agent_heartbeat_age_seconds``,
-``chiffon_agent_restarts_total``, ``chiffon_agent_missed_heartbeats_total``.
+``chiffon_agent_heartbeat_age_seconds``, ``chiffon_agent_restarts_total``,
+``chiffon_agent_missed_heartbeats_total``, and one gauge per snapshot field declared with
+a ``Gauge`` in :mod:`chiffon_worker.snapshot` (``chiffon_agent_cpu_load_1min``,
+``chiffon_agent_cpu_cores_physical``, ``chiffon_agent_cpu_cores_available``,
+``chiffon_agent_memory_available_bytes``, ``chiffon_agent_memory_total_bytes``,
+``chiffon_agent_gpu_vram_total_bytes``, ``chiffon_agent_gpu_vram_available_bytes``).
 
 Consumer: ``chiffon_heartbeats_accepted_total``, ``chiffon_heartbeats_rejected_total``
 (``reason``), ``chiffon_heartbeats_ignored_total`` (``reason``),
@@ -32,28 +33,18 @@ from prometheus_client.exposition import start_http_server
 
 from chiffon_worker.errors import ChiffonError, RegistryError
 from chiffon_worker.orchestrator.decoding import REJECT_REASONS
-from chiffon_worker.orchestrator.registry import AgentRecord, Registry
-from chiffon_worker.orchestrator.stats import IngestStats
+from chiffon_worker.orchestrator.ingest_counters import IngestStats
+from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.snapshot import GAUGE_FIELDS
 
 log = logging.getLogger(__name__)
 
-GIB = float(1 << 30)
 _LABELS = ["agent_id", "hostname", "pool"]
 
-#: (metric name, help, value from a record) for the per-agent gauges
-_AGENT_GAUGES: tuple[tuple[str, str, Callable[[AgentRecord], float]], ...] = (
-    ("chiffon_agent_cpu_load_1min", "1-minute load average", lambda a: a.cpu_load_1min),
-    ("chiffon_agent_cpu_cores_available", "cores free: max(1, usable cores - load)",
-     lambda a: a.cpu_cores_available),
-    ("chiffon_agent_cpu_cores_physical", "physical cores", lambda a: a.cpu_cores_physical),
-    ("chiffon_agent_memory_available_bytes", "memory available",
-     lambda a: a.memory_available_gb * GIB),
-    ("chiffon_agent_memory_total_bytes", "memory total", lambda a: a.memory_total_gb * GIB),
-    ("chiffon_agent_gpu_vram_available_bytes", "free VRAM of the primary GPU",
-     lambda a: a.gpu_vram_available_gb * GIB),
-    ("chiffon_agent_gpu_vram_total_bytes", "VRAM of the primary GPU",
-     lambda a: a.gpu_vram_total_gb * GIB),
-)
+#: (snapshot key, metric name, help, scale to the base unit) of the per-agent gauges
+_AGENT_GAUGES: tuple[tuple[str, str, str, float], ...] = tuple(
+    (f.name, f.gauge.name, f.gauge.help, f.gauge.scale) for f in GAUGE_FIELDS
+    if f.gauge is not None)
 
 
 class OrchestratorCollector:
@@ -93,7 +84,7 @@ class OrchestratorCollector:
         age = GaugeMetricFamily("chiffon_agent_heartbeat_age_seconds",
                                 "seconds since the newest heartbeat was received",
                                 labels=_LABELS)
-        gauges = [GaugeMetricFamily(name, text, labels=_LABELS) for name, text, _ in
+        gauges = [GaugeMetricFamily(name, text, labels=_LABELS) for _, name, text, _ in
                   _AGENT_GAUGES]
         restarts = CounterMetricFamily("chiffon_agent_restarts", "agent restarts seen",
                                        labels=_LABELS)
@@ -104,8 +95,8 @@ class OrchestratorCollector:
             labels = [record.agent_id, record.hostname, record.pool]
             up.add_metric(labels, 1.0 if record.state(now) == "online" else 0.0)
             age.add_metric(labels, record.age_seconds(now))
-            for family, (_, _, value) in zip(gauges, _AGENT_GAUGES, strict=True):
-                family.add_metric(labels, float(value(record)))
+            for family, (key, _, _, scale) in zip(gauges, _AGENT_GAUGES, strict=True):
+                family.add_metric(labels, record.number(key) * scale)
             restarts.add_metric(labels, record.restarts)
             missed.add_metric(labels, record.missed)
         yield up

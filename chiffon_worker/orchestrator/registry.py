@@ -42,8 +42,9 @@ from sqlalchemy.schema import CreateSchema
 
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator import tables
+from chiffon_worker.orchestrator import sql_schema
 from chiffon_worker.orchestrator.liveness import State, state_of
+from chiffon_worker.snapshot import HISTORY_FIELDS, STORED_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,22 @@ _SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 _PG_CONNECT_TIMEOUT_SECONDS = 10
 
 
+#: Snapshot keys stored as metric columns: a record's metric attributes.
+METRIC_NAMES: frozenset[str] = frozenset(f.name for f in STORED_METRICS)
+#: Snapshot keys the registry keeps a history of, in column order.
+HISTORY_NAMES: tuple[str, ...] = tuple(f.name for f in HISTORY_FIELDS)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentRecord:
     """One agent as stored: the newest accepted heartbeat and its sequencing state.
 
     Times are unix seconds (``last_seen`` is the receipt time of the newest accepted
     heartbeat); ``_gb`` values are GiB. ``snapshot`` is empty unless requested.
+
+    ``metrics`` holds the stored metric columns by snapshot key (the fields of
+    :mod:`chiffon_worker.snapshot` with a column, beyond the envelope); each is also an
+    attribute: ``record.gpu_vram_available_gb`` is ``record.metrics["gpu_vram_available_gb"]``.
     """
 
     agent_id: str
@@ -78,15 +89,18 @@ class AgentRecord:
     clock_skew_seconds: float | None
     heartbeat_interval_seconds: float
     heartbeat_timeout_seconds: float
-    cpu_load_1min: float
-    cpu_cores_physical: int
-    cpu_cores_available: float
-    memory_available_gb: float
-    memory_total_gb: float
-    gpu_type: str
-    gpu_vram_available_gb: float
-    gpu_vram_total_gb: float
+    metrics: Mapping[str, Any]
     snapshot: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A stored metric by its snapshot key (only called for names not found above)."""
+        if name in METRIC_NAMES:
+            return self.metrics[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def number(self, name: str) -> float:
+        """A numeric stored metric as a float (in the snapshot's unit)."""
+        return float(self.metrics[name])
 
     def state(self, now: float) -> State:
         """``online`` or ``offline`` at ``now`` (unix seconds), by the agent's own timeout."""
@@ -99,13 +113,17 @@ class AgentRecord:
 
 @dataclass(frozen=True, slots=True)
 class HistoryPoint:
-    """One point of an agent's history: receipt time (unix s), load, cores, GiB free."""
+    """One point of an agent's history: its receipt time (unix s) and the history fields
+    (:data:`HISTORY_NAMES`, snapshot units), each also an attribute of the point."""
 
     received_at: float
-    cpu_load_1min: float
-    cpu_cores_available: float
-    memory_available_gb: float
-    gpu_vram_available_gb: float
+    values: Mapping[str, float]
+
+    def __getattr__(self, name: str) -> Any:
+        """A history field by its snapshot key (only called for names not found above)."""
+        if name in HISTORY_NAMES:
+            return self.values[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -233,30 +251,30 @@ class Registry:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
                 if self.schema:
                     conn.execute(CreateSchema(self.schema, if_not_exists=True))
-            tables.metadata.create_all(conn)
-            current = conn.execute(select(func.max(tables.schema_version.c.version))).scalar()
+            sql_schema.metadata.create_all(conn)
+            current = conn.execute(select(func.max(sql_schema.schema_version.c.version))).scalar()
             if current is None:
-                conn.execute(insert(tables.schema_version),
-                             {"version": tables.SCHEMA_VERSION, "applied_at": time.time()})
+                conn.execute(insert(sql_schema.schema_version),
+                             {"version": sql_schema.SCHEMA_VERSION, "applied_at": time.time()})
                 log.info("created registry %s (schema %d)", self.masked_url,
-                         tables.SCHEMA_VERSION)
-            elif current > tables.SCHEMA_VERSION:
+                         sql_schema.SCHEMA_VERSION)
+            elif current > sql_schema.SCHEMA_VERSION:
                 raise RegistryError(
                     f"registry {self.masked_url} has schema version {current}, newer than this "
-                    f"chiffon understands ({tables.SCHEMA_VERSION}); upgrade chiffon")
+                    f"chiffon understands ({sql_schema.SCHEMA_VERSION}); upgrade chiffon")
             # versions below SCHEMA_VERSION would be migrated here, one step at a time
 
     def schema_version(self) -> int:
         """The registry's current schema version."""
         with self._transaction("read") as conn:
-            value = conn.execute(select(func.max(tables.schema_version.c.version))).scalar()
+            value = conn.execute(select(func.max(sql_schema.schema_version.c.version))).scalar()
         return int(value or 0)
 
     def trim_history(self) -> int:
         """Drop history slots beyond ``history_points`` (after lowering it); returns rows."""
         with self._transaction("trim") as conn:
-            result = conn.execute(delete(tables.history)
-                                  .where(tables.history.c.slot >= self.history_points))
+            result = conn.execute(delete(sql_schema.history)
+                                  .where(sql_schema.history.c.slot >= self.history_points))
         return int(result.rowcount or 0)
 
     # -- writes ---------------------------------------------------------------------------
@@ -301,16 +319,17 @@ class Registry:
             return
         with self._transaction("write") as conn:
             if agent_rows:
-                self._upsert(conn, tables.agents, ("agent_id",), agent_rows)
+                self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows)
             if history_rows:
-                self._upsert(conn, tables.history, ("agent_id", "slot"), history_rows)
+                self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
 
     def forget(self, agent_id: str) -> bool:
         """Remove an agent and its history; returns whether it was known."""
         with self._transaction("write") as conn:
-            conn.execute(delete(tables.history).where(tables.history.c.agent_id == agent_id))
-            result = conn.execute(delete(tables.agents)
-                                  .where(tables.agents.c.agent_id == agent_id))
+            conn.execute(delete(sql_schema.history)
+                         .where(sql_schema.history.c.agent_id == agent_id))
+            result = conn.execute(delete(sql_schema.agents)
+                                  .where(sql_schema.agents.c.agent_id == agent_id))
         return bool(result.rowcount)
 
     # -- reads ----------------------------------------------------------------------------
@@ -318,31 +337,32 @@ class Registry:
     def agents(self, pool: str | None = None, *, with_snapshot: bool = False
                ) -> list[AgentRecord]:
         """Every agent (of ``pool``), ordered by pool then agent id."""
-        columns = [c for c in tables.agents.columns if with_snapshot or c.name != "snapshot"]
-        query = select(*columns).order_by(tables.agents.c.pool, tables.agents.c.agent_id)
+        columns = [c for c in sql_schema.agents.columns if with_snapshot or c.name != "snapshot"]
+        query = select(*columns).order_by(sql_schema.agents.c.pool, sql_schema.agents.c.agent_id)
         if pool is not None:
-            query = query.where(tables.agents.c.pool == pool)
+            query = query.where(sql_schema.agents.c.pool == pool)
         with self._transaction("read") as conn:
             rows = conn.execute(query).mappings().all()
         return [_record(row) for row in rows]
 
     def agent(self, agent_id: str, *, with_snapshot: bool = True) -> AgentRecord | None:
         """One agent, or None when unknown."""
-        columns = [c for c in tables.agents.columns if with_snapshot or c.name != "snapshot"]
-        query = select(*columns).where(tables.agents.c.agent_id == agent_id)
+        columns = [c for c in sql_schema.agents.columns if with_snapshot or c.name != "snapshot"]
+        query = select(*columns).where(sql_schema.agents.c.agent_id == agent_id)
         with self._transaction("read") as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else _record(row)
 
     def history(self, agent_id: str) -> list[HistoryPoint]:
         """The agent's stored history, oldest first (at most ``history_points`` points)."""
-        h = tables.history
-        query = (select(h.c.received_at, *(h.c[name] for name in tables.HISTORY_METRICS))
+        h = sql_schema.history
+        query = (select(h.c.received_at, *(h.c[name] for name in HISTORY_NAMES))
                  .where(h.c.agent_id == agent_id, h.c.slot < self.history_points)
                  .order_by(h.c.received_at))
         with self._transaction("read") as conn:
             rows = conn.execute(query).all()
-        return [HistoryPoint(*row) for row in rows]
+        return [HistoryPoint(row[0], dict(zip(HISTORY_NAMES, row[1:], strict=True)))
+                for row in rows]
 
 
 def _record(row: RowMapping) -> AgentRecord:
@@ -350,4 +370,5 @@ def _record(row: RowMapping) -> AgentRecord:
     values["past_boot_ids"] = tuple(json.loads(values["past_boot_ids"]))
     snapshot = values.pop("snapshot", None)
     values["snapshot"] = json.loads(snapshot) if snapshot else {}
+    values["metrics"] = {f.name: values.pop(f.name) for f in STORED_METRICS}
     return AgentRecord(**values)

@@ -41,10 +41,10 @@ from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import ChiffonError, ProtocolError, RoutingError
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
 from chiffon_worker.protocol import WorkRequest, WorkResult
+from chiffon_worker.snapshot import NEED_FIELDS
 from chiffon_worker.wire import EXECUTE_WORK_TASK, agent_queue_name, declared_queue, is_queue_name
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,11 @@ class Need:
     noun: str
 
 
-#: ``needs`` keys -> the agent attribute they are compared with.
+#: ``needs`` keys -> the agent attribute they are compared with (the snapshot fields
+#: declared with a ``Need``).
 NEEDS: dict[str, Need] = {
-    "gpu_vram_gb": Need("gpu_vram_available_gb", " GiB", "free VRAM"),
-    "cores": Need("cpu_cores_available", "", "free cores"),
-    "memory_gb": Need("memory_available_gb", " GiB", "available memory"),
-}
+    f.need.key: Need(f.name, f.unit_suffix, f.need.noun) for f in NEED_FIELDS
+    if f.need is not None}
 
 
 def work_queue(name: str) -> Queue:
@@ -89,13 +88,13 @@ def _fmt(value: float) -> str:
 
 
 def _headroom(record: AgentRecord, needs: Mapping[str, float]) -> float:
-    ratios = [getattr(record, NEEDS[key].attribute) / need
+    ratios = [record.number(NEEDS[key].attribute) / need
               for key, need in needs.items() if need > 0]
-    return min(ratios) if ratios else record.cpu_cores_available
+    return min(ratios) if ratios else record.number("cpu_cores_available")
 
 
 def _fits(record: AgentRecord, needs: Mapping[str, float]) -> bool:
-    return all(getattr(record, NEEDS[key].attribute) >= need for key, need in needs.items())
+    return all(record.number(NEEDS[key].attribute) >= need for key, need in needs.items())
 
 
 def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
@@ -119,8 +118,8 @@ def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
             return record
     best = ranked[0]
     asked = " and ".join(f"{_fmt(v)}{NEEDS[k].unit} {NEEDS[k].noun}" for k, v in wanted.items())
-    short = [(k, v) for k, v in wanted.items() if getattr(best, NEEDS[k].attribute) < v]
-    has = ", ".join(f"{_fmt(getattr(best, NEEDS[k].attribute))}{NEEDS[k].unit} {NEEDS[k].noun}"
+    short = [(k, v) for k, v in wanted.items() if best.number(NEEDS[k].attribute) < v]
+    has = ", ".join(f"{_fmt(best.number(NEEDS[k].attribute))}{NEEDS[k].unit} {NEEDS[k].noun}"
                     for k, _ in short)
     raise RoutingError(f"no online agent{where} has {asked}; best has {has} "
                        f"({best.agent_id})")

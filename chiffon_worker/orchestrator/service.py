@@ -13,9 +13,11 @@ import threading
 from types import FrameType
 
 from chiffon_worker.config import Config, mask_url
-from chiffon_worker.orchestrator.consumer import HeartbeatConsumer
+from chiffon_worker.orchestrator.batch_writer import BatchWriter
 from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
-from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
+from chiffon_worker.orchestrator.ingest_counters import IngestStats
+from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.wire import HEARTBEAT_QUEUE
 
@@ -53,12 +55,17 @@ class Orchestrator:
             if trimmed:
                 log.info("dropped %d history points beyond the kept %d per agent", trimmed,
                          self.registry.history_points)
-            ingestor = Ingestor(self.registry, secret=self.config.heartbeat_secret)
-            self.consumer = HeartbeatConsumer(self.config.effective_broker_url, ingestor,
+            stats = IngestStats()
+            known = self.registry.agents()
+            log.info("registry %s: %d agents known", self.registry.masked_url, len(known))
+            judge = HeartbeatJudge(known, history_points=self.registry.history_points,
+                                   secret=self.config.heartbeat_secret, stats=stats)
+            self.consumer = HeartbeatConsumer(self.config.effective_broker_url, judge,
+                                              BatchWriter(self.registry, stats=stats),
                                               queue=self.queue)
             if self.metrics_port:
                 self.metrics = MetricsServer(
-                    OrchestratorCollector(self.registry, ingestor.stats), self.metrics_port,
+                    OrchestratorCollector(self.registry, stats), self.metrics_port,
                     self.metrics_addr)
             log.info("orchestrator: broker %s, registry %s, heartbeats %s, metrics %s, "
                      "signed heartbeats %s", mask_url(self.config.effective_broker_url),

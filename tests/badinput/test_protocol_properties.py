@@ -16,9 +16,11 @@ import pytest
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
+from chiffon_worker import snapshot_validator
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.protocol import (
     SNAPSHOT_KEYS,
+    SNAPSHOT_METRIC_KEYS,
     WorkRequest,
     WorkResult,
     validate_snapshot,
@@ -145,6 +147,41 @@ def test_near_miss_work_results(obj: dict[str, Any]) -> None:
 def test_near_miss_snapshots(snap: dict[str, Any]) -> None:
     only_protocol_errors(validate_snapshot, snap)
     only_protocol_errors(validate_snapshot, as_json_text(snap))
+
+
+def _outcome(data: Any) -> tuple[Any, ...]:
+    try:
+        return ("valid", validate_snapshot(copy.deepcopy(data)))
+    except ProtocolError as exc:
+        return ("refused", exc.field, exc.problem)
+
+
+NUMERIC_KEYS = [key for key, types in SNAPSHOT_METRIC_KEYS.items() if float in types]
+any_number = (st.floats() | st.integers(min_value=-INT_BOUND, max_value=INT_BOUND)
+              | st.sampled_from([10**400, -(10**400), 2**1023, True]))
+
+
+@st.composite
+def numeric_variants(draw: st.DrawFn) -> dict[str, Any]:
+    """The good snapshot with some numbers (flat or of its GPU) replaced by any number."""
+    snap = copy.deepcopy(GOOD_SNAPSHOT)
+    for key in draw(st.lists(st.sampled_from(NUMERIC_KEYS), max_size=3, unique=True)):
+        snap[key] = draw(any_number)
+    gpu = snap["gpus"][0]
+    for key in draw(st.lists(st.sampled_from(sorted(gpu)), max_size=2, unique=True)):
+        gpu[key] = draw(any_number | st.none())
+    return snap
+
+
+@PROPERTY
+@given(snap=near_snapshots() | numeric_variants())
+def test_the_validators_screen_never_changes_an_outcome(snap: dict[str, Any]) -> None:
+    """The fast screen only skips the exact per-key checks; with it off, the same answer."""
+    screened = _outcome(snap)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snapshot_validator._Group, "passes_screen", lambda *_args: False)
+        exact = _outcome(snap)
+    assert screened == exact
 
 
 @st.composite

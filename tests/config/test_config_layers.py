@@ -14,26 +14,9 @@ import pytest
 
 from chiffon_worker.config import Config
 from chiffon_worker.errors import ConfigError
+from tests.config.layers import load, user_file, write
 
 pytestmark = pytest.mark.usefixtures("clean_env")
-
-NO_SYSTEM = "/nonexistent/etc/chiffon/agent.yml"
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def user_file(text: str) -> Path:
-    return write(Path(os.environ["HOME"]) / ".chiffon" / "agent.yml", text)
-
-
-def load(**kwargs: object) -> Config:
-    kwargs.setdefault("system_file", NO_SYSTEM)
-    return Config(**kwargs)  # type: ignore[arg-type]
-
 
 def test_source_of_a_key_is_the_strongest_layer_that_set_it(
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,10 +10,10 @@ import pytest
 from chiffon_worker.config import ENV_ALIASES, KEYS, SECRET_KEYS, URL_KEYS, Config
 from chiffon_worker.settings_spec import InvalidValue, coerce, declared_keys, setting
 from chiffon_worker.wire import agent_queue_name
+from tests.config.layers import NO_SYSTEM
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
-NO_SYSTEM = "/nonexistent/etc/chiffon/agent.yml"
 NOT_SETTINGS = {"hostname", "sources", "files_loaded"}
 
 

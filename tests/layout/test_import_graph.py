@@ -56,7 +56,9 @@ def test_relative_imports_are_resolved(tmp_path: Path) -> None:
 
 def test_imports_in_one_direction_are_no_cycle(tmp_path: Path) -> None:
     _write(tmp_path, {
-        "pkg/__init__.py": "def __getattr__(name):\n    from pkg.app import get\n    return get()\n",
+        "pkg/__init__.py": ("def __getattr__(name):\n"
+                            "    from pkg.app import get\n"
+                            "    return get()\n"),
         "pkg/app.py": "from pkg.low import x\ndef get(): return x\n",
         "pkg/low.py": "x = 1\n",
     })

@@ -22,10 +22,12 @@ from celery import Celery
 from kombu import Connection, Producer
 from sqlalchemy import create_engine, text
 
-from chiffon_worker.orchestrator.consumer import HeartbeatConsumer, heartbeat_queue
-from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.wire import heartbeat_queue
 from tests.conftest import POSTGRES_URL, require_port
+
+from . import feeding
 
 RUN_ID = uuid.uuid4().hex[:8]
 _SCHEMA_NUMBERS = itertools.count(1)
@@ -190,11 +192,11 @@ def publisher(rabbitmq_url: str, queue_name: str) -> Iterator[Publisher]:
 
 
 class RunningConsumer:
-    """A HeartbeatConsumer running in a thread, with its ingestor and registry."""
+    """A HeartbeatConsumer running in a thread, with its judge and writer."""
 
     def __init__(self, consumer: HeartbeatConsumer) -> None:
         self.consumer = consumer
-        self.ingestor = consumer.ingestor
+        self.writer = consumer.writer
         self.stats = consumer.stats
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="test-consumer", daemon=True)
@@ -216,7 +218,7 @@ class RunningConsumer:
 
         def done() -> bool:
             judged = stats.accepted + stats.rejected_total + stats.ignored_total
-            return judged >= count and self.ingestor.pending == 0
+            return judged >= count and self.writer.pending == 0
 
         wait_for(done, timeout, f"{count} messages to be judged and committed")
 
@@ -235,8 +237,8 @@ def start_consumer(rabbitmq_url: str, queue_name: str
     def start(registry: Registry, *, secret: str = "", **options: Any) -> RunningConsumer:
         options.setdefault("max_delay_seconds", 0.05)
         options.setdefault("poll_seconds", 0.05)
-        consumer = HeartbeatConsumer(rabbitmq_url, Ingestor(registry, secret=secret),
-                                     queue=queue_name, **options)
+        consumer = feeding.consumer(rabbitmq_url, registry, secret=secret, queue=queue_name,
+                                    **options)
         handle = RunningConsumer(consumer).start()
         running.append(handle)
         return handle

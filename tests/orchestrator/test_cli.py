@@ -19,11 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chiffon_worker.cli import main
-from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.signing import sign_snapshot
 
 from .conftest import Publisher, wait_for
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 CHIFFON = [sys.executable, "-m", "chiffon_worker.cli"]
@@ -129,14 +129,14 @@ def filled_state(cli_env: dict[str, str]) -> str:
     url = f"sqlite:///{Path(cli_env['CHIFFON_STATE_DIR']) / 'registry.sqlite3'}"
     now = time.time()
     with Registry(url) as registry:
-        ingestor = Ingestor(registry)
+        feeder = Feeder(registry)
         for n in range(1, 40):
-            ingestor.handle_snapshot(make_snapshot("desk-1", seq=n, load_1min=n / 10,
-                                                   collected_at=now - 400 + n * 10),
-                                     received_at=now - 400 + n * 10)
-        ingestor.handle_snapshot(make_snapshot("rig-1", pool="gpu_rigs", gpu=False),
-                                 received_at=now - 500)
-        ingestor.flush()
+            feeder.snapshot(make_snapshot("desk-1", seq=n, load_1min=n / 10,
+                                          collected_at=now - 400 + n * 10),
+                            received_at=now - 400 + n * 10)
+        feeder.snapshot(make_snapshot("rig-1", pool="gpu_rigs", gpu=False),
+                        received_at=now - 500)
+        feeder.commit()
     return url
 
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from chiffon_worker.orchestrator.consumer import HeartbeatConsumer
-from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.signing import sign_snapshot
 
+from . import feeding
 from .conftest import Publisher, RunningConsumer, queue_depth, wait_for
 from .snapshots import make_snapshot
 
@@ -93,9 +92,9 @@ def test_messages_stay_in_the_queue_when_the_registry_cannot_commit_them(
         raise RegistryError("cannot write registry test: disk is full")
 
     monkeypatch.setattr(sqlite_registry, "write_batch", fail)
-    consumer = HeartbeatConsumer(rabbitmq_url, Ingestor(sqlite_registry), queue=queue_name,
-                                 write_retry_delays=(0.05, 0.05), max_delay_seconds=0.05,
-                                 poll_seconds=0.05)
+    consumer = feeding.consumer(rabbitmq_url, sqlite_registry, queue=queue_name,
+                                write_retry_delays=(0.05, 0.05), max_delay_seconds=0.05,
+                                poll_seconds=0.05)
     for n in range(5):
         publisher.heartbeat(make_snapshot("a1", seq=n + 1))
     with pytest.raises(RegistryError, match="disk is full"):
@@ -143,13 +142,13 @@ def test_the_consumer_works_on_a_redis_broker_too(
         sqlite_registry: Registry, redis_url: str) -> None:
     from celery import Celery
 
-    from chiffon_worker.orchestrator.consumer import heartbeat_queue
+    from chiffon_worker.wire import heartbeat_queue
 
     queue = f"chiffon.test.{time.time_ns()}"
     app = Celery("test-agent", broker=redis_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
-    consumer = HeartbeatConsumer(redis_url, Ingestor(sqlite_registry), queue=queue,
-                                 max_delay_seconds=0.05, poll_seconds=0.05)
+    consumer = feeding.consumer(redis_url, sqlite_registry, queue=queue,
+                                max_delay_seconds=0.05, poll_seconds=0.05)
     handle = RunningConsumer(consumer).start()
     try:
         for seq in (1, 2):

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chiffon_worker.orchestrator.exporter import GIB, MetricsServer, OrchestratorCollector
-from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.snapshot import GIB
 
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 #: Reset to the start of each test by the autouse ``fresh_now`` fixture (conftest.py).
@@ -20,20 +21,18 @@ NOW = time.time()
 
 
 @pytest.fixture
-def served(sqlite_registry: Registry) -> Iterator[tuple[MetricsServer, Ingestor]]:
-    ingestor = Ingestor(sqlite_registry)
-    ingestor.handle_snapshot(make_snapshot("gpu-box", vram_available_gb=20.5,
-                                           vram_total_gb=23.99, memory_available_gb=21.3,
-                                           memory_total_gb=31.2, cores_physical=8,
-                                           load_1min=1.25), received_at=NOW)
-    ingestor.handle_snapshot(make_snapshot("old-box", gpu=False, pool="p2"),
-                             received_at=NOW - 1000)
-    ingestor.handle_snapshot(make_snapshot("gpu-box", seq=4), received_at=NOW)
-    ingestor.handle_message(b"garbage", {}, "application/json")
-    ingestor.flush()
-    server = MetricsServer(OrchestratorCollector(sqlite_registry, ingestor.stats), 0,
+def served(sqlite_registry: Registry) -> Iterator[tuple[MetricsServer, Feeder]]:
+    feeder = Feeder(sqlite_registry)
+    feeder.snapshot(make_snapshot("gpu-box", vram_available_gb=20.5, vram_total_gb=23.99,
+                                  memory_available_gb=21.3, memory_total_gb=31.2,
+                                  cores_physical=8, load_1min=1.25), received_at=NOW)
+    feeder.snapshot(make_snapshot("old-box", gpu=False, pool="p2"), received_at=NOW - 1000)
+    feeder.snapshot(make_snapshot("gpu-box", seq=4), received_at=NOW)
+    feeder.message(b"garbage", {}, "application/json", received_at=NOW)
+    feeder.commit()
+    server = MetricsServer(OrchestratorCollector(sqlite_registry, feeder.stats), 0,
                            "127.0.0.1")
-    yield server, ingestor
+    yield server, feeder
     server.close()
 
 
@@ -54,7 +53,7 @@ def agent(agent_id: str, pool: str = "desktop_pool_1") -> tuple[tuple[str, str],
 
 
 def test_metrics_over_http_parse_and_carry_per_agent_gauges_in_base_units(
-        served: tuple[MetricsServer, Ingestor]) -> None:
+        served: tuple[MetricsServer, Feeder]) -> None:
     server, _ = served
     samples = scrape(server.port)
     box = agent("gpu-box")
@@ -71,8 +70,8 @@ def test_metrics_over_http_parse_and_carry_per_agent_gauges_in_base_units(
     assert samples["chiffon_registry_up"] == {(): 1.0}
 
 
-def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Ingestor]) -> None:
-    server, ingestor = served
+def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Feeder]) -> None:
+    server, feeder = served
     samples = scrape(server.port)
     assert samples["chiffon_heartbeats_accepted_total"] == {(): 3.0}
     rejected = samples["chiffon_heartbeats_rejected_total"]
@@ -81,6 +80,6 @@ def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Ingest
     assert samples["chiffon_heartbeat_gaps_total"] == {(): 1.0}
     assert samples["chiffon_heartbeats_missed_total"] == {(): 2.0}
     assert samples["chiffon_registry_batches_total"] == {(): 1.0}
-    ingestor.handle_message(b"[]", {}, "application/json")
+    feeder.message(b"[]", {}, "application/json", received_at=NOW)
     assert scrape(server.port)["chiffon_heartbeats_rejected_total"][
         (("reason", "bad_envelope"),)] == 1.0, "counters are read at scrape time"

@@ -1,4 +1,5 @@
-"""Judging messages before they reach the registry (no broker: raw bodies in, outcomes out)."""
+"""Judging messages before they reach the registry (no broker: raw bodies in, outcomes and
+rows out), and the batch writer that commits the rows."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from typing import Any
 
 import pytest
 
+from chiffon_worker.orchestrator import sql_schema
 from chiffon_worker.orchestrator.agent_view import status_object
-from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator.batch_writer import BatchWriter
+from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
+from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.signing import sign_snapshot
 
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 SECRET = "s3cret"
@@ -24,28 +29,30 @@ def task_body(snapshot: Any) -> bytes:
     return json.dumps([[snapshot], {}, {"callbacks": None}]).encode()
 
 
-def judge(ingestor: Ingestor, body: bytes | str, headers: dict[str, Any] | None = None,
+def judge(feeder: Feeder, body: bytes | str, headers: dict[str, Any] | None = None,
           content_type: str = "application/json", **kwargs: Any) -> tuple[str, str]:
-    outcome = ingestor.handle_message(body, TASK if headers is None else headers,
-                                      content_type, "utf-8", **kwargs)
+    kwargs.setdefault("received_at", time.time())
+    outcome = feeder.message(body, TASK if headers is None else headers, content_type,
+                             "utf-8", **kwargs)
+    assert (outcome.rows is not None) == (outcome.kind == "accepted")
     return outcome.kind, outcome.reason
 
 
 @pytest.fixture
-def ingestor(sqlite_registry: Registry) -> Ingestor:
-    return Ingestor(sqlite_registry)
+def ingestor(sqlite_registry: Registry) -> Feeder:
+    return Feeder(sqlite_registry)
 
 
 @pytest.fixture
-def signed_ingestor(sqlite_registry: Registry) -> Ingestor:
-    return Ingestor(sqlite_registry, secret=SECRET)
+def signed_ingestor(sqlite_registry: Registry) -> Feeder:
+    return Feeder(sqlite_registry, secret=SECRET)
 
 
 def test_a_celery_task_message_and_a_bare_snapshot_are_both_accepted(
-        ingestor: Ingestor) -> None:
+        ingestor: Feeder) -> None:
     assert judge(ingestor, task_body(make_snapshot("a1"))) == ("accepted", "")
     assert judge(ingestor, json.dumps(make_snapshot("a2")), headers={}) == ("accepted", "")
-    ingestor.flush()
+    ingestor.commit()
     assert [r.agent_id for r in ingestor.registry.agents()] == ["a1", "a2"]
 
 
@@ -83,16 +90,16 @@ def test_a_celery_task_message_and_a_bare_snapshot_are_both_accepted(
                  "application/json", "invalid", id="cores beyond 32 bits"),
 ])
 def test_a_malformed_message_is_rejected_with_its_reason_and_counted(
-        ingestor: Ingestor, body: bytes, headers: dict[str, Any], content_type: str,
+        ingestor: Feeder, body: bytes, headers: dict[str, Any], content_type: str,
         reason: str) -> None:
     assert judge(ingestor, body, headers, content_type) == ("rejected", reason)
     assert ingestor.stats.rejected[reason] == 1
-    assert ingestor.pending == 0
+    assert ingestor.writer.pending == 0
 
 
 def test_rejections_are_logged_once_per_message_but_rate_limited(
-        ingestor: Ingestor, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, "chiffon_worker.orchestrator.ingest")
+        ingestor: Feeder, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "chiffon_worker.orchestrator.judge")
     for _ in range(50):
         judge(ingestor, b"{not json")
     assert ingestor.stats.rejected["not_json"] == 50
@@ -100,7 +107,7 @@ def test_rejections_are_logged_once_per_message_but_rate_limited(
     assert "rejected (not_json)" in caplog.records[0].getMessage()
 
 
-def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Ingestor) -> None:
+def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Feeder) -> None:
     now = time.time()
     assert judge(ingestor, task_body(make_snapshot(seq=5)), received_at=now)[0] == "accepted"
     assert judge(ingestor, task_body(make_snapshot(seq=5))) == ("ignored", "duplicate")
@@ -114,7 +121,7 @@ def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Ingestor) -> None:
 
 
 def test_a_restart_is_counted_and_heartbeats_from_the_old_boot_are_ignored(
-        ingestor: Ingestor) -> None:
+        ingestor: Feeder) -> None:
     judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old")))
     assert judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new",
                                                    started_at=2e9))) == ("accepted", "")
@@ -123,16 +130,16 @@ def test_a_restart_is_counted_and_heartbeats_from_the_old_boot_are_ignored(
     assert ingestor.stats.restarts == 1
 
 
-def test_gaps_count_the_missed_sequence_numbers(ingestor: Ingestor) -> None:
+def test_gaps_count_the_missed_sequence_numbers(ingestor: Feeder) -> None:
     for seq in (1, 2, 5, 6, 10):
         judge(ingestor, task_body(make_snapshot(seq=seq)))
     assert (ingestor.stats.gaps, ingestor.stats.missed) == (2, 5)
 
 
-def test_clock_skew_is_kept_but_liveness_uses_the_receipt_time(ingestor: Ingestor) -> None:
+def test_clock_skew_is_kept_but_liveness_uses_the_receipt_time(ingestor: Feeder) -> None:
     now = time.time()
     judge(ingestor, task_body(make_snapshot(collected_at=now + 120)), received_at=now)
-    ingestor.flush()
+    ingestor.commit()
     [record] = ingestor.registry.agents()
     assert record.clock_skew_seconds == pytest.approx(120)
     assert record.last_seen == now
@@ -140,7 +147,7 @@ def test_clock_skew_is_kept_but_liveness_uses_the_receipt_time(ingestor: Ingesto
 
 
 def test_with_a_secret_only_correctly_signed_heartbeats_are_accepted(
-        signed_ingestor: Ingestor) -> None:
+        signed_ingestor: Feeder) -> None:
     good = sign_snapshot(make_snapshot(seq=1), SECRET)
     assert judge(signed_ingestor, task_body(make_snapshot(seq=2))) == ("rejected", "unsigned")
     forged = {**sign_snapshot(make_snapshot(seq=2), "guess"), "seq": 2}
@@ -150,13 +157,13 @@ def test_with_a_secret_only_correctly_signed_heartbeats_are_accepted(
     assert judge(signed_ingestor, task_body(good)) == ("accepted", "")
     assert judge(signed_ingestor, task_body(good)) == ("rejected", "replayed")
     assert signed_ingestor.stats.accepted == 1
-    signed_ingestor.flush()
+    signed_ingestor.commit()
     [record] = signed_ingestor.registry.agents(with_snapshot=True)
     assert record.snapshot == good, "stored as received, verifiable later"
     assert "signature" not in status_object(record, time.time()), "but not shown"
 
 
-def test_a_replayed_old_boot_is_rejected_when_signing_is_on(signed_ingestor: Ingestor) -> None:
+def test_a_replayed_old_boot_is_rejected_when_signing_is_on(signed_ingestor: Feeder) -> None:
     old = sign_snapshot(make_snapshot(seq=50, boot_id="old"), SECRET)
     new = sign_snapshot(make_snapshot(seq=1, boot_id="new", started_at=2e9), SECRET)
     assert judge(signed_ingestor, task_body(old))[0] == "accepted"
@@ -165,6 +172,49 @@ def test_a_replayed_old_boot_is_rejected_when_signing_is_on(signed_ingestor: Ing
     assert signed_ingestor.stats.rejected["replayed"] == 1
 
 
-def test_without_a_secret_a_signature_is_ignored(ingestor: Ingestor) -> None:
+def test_without_a_secret_a_signature_is_ignored(ingestor: Feeder) -> None:
     signed = sign_snapshot(make_snapshot(seq=1), "whatever")
     assert judge(ingestor, task_body(signed)) == ("accepted", "")
+
+
+# -- the judge's rows and the batch writer ----------------------------------------------------
+
+def test_the_judge_needs_no_registry_and_its_rows_fill_every_column() -> None:
+    judge = HeartbeatJudge([], history_points=5)
+    outcome = judge.judge_snapshot(make_snapshot("a1"), received_at=time.time())
+    assert outcome.rows is not None
+    assert set(outcome.rows.agent) == {c.name for c in sql_schema.agents.columns}
+    assert set(outcome.rows.history) == {c.name for c in sql_schema.history.columns}
+
+
+def test_history_points_go_round_the_ring_of_history_points_slots() -> None:
+    judge = HeartbeatJudge([], history_points=2)
+    slots = []
+    for seq in (1, 2, 3):
+        rows = judge.judge_snapshot(make_snapshot(seq=seq), received_at=time.time()).rows
+        assert rows is not None
+        slots.append(rows.history["slot"])
+    assert slots == [0, 1, 0]
+
+
+def test_the_writer_keeps_only_the_newest_rows_of_an_agent_until_taken(
+        sqlite_registry: Registry) -> None:
+    judge = HeartbeatJudge([], history_points=1)
+    writer = BatchWriter(sqlite_registry)
+    for seq in (1, 2):
+        rows = judge.judge_snapshot(make_snapshot("a1", seq=seq), received_at=time.time()).rows
+        assert rows is not None
+        writer.add(rows)
+    batch = writer.take_batch()
+    assert batch is not None
+    assert [row["seq"] for row in batch.agent_rows] == [2]
+    assert [json.loads(row["snapshot"])["seq"] for row in batch.agent_rows] == [2]
+    assert len(batch.history_rows) == 1
+    assert (writer.pending, writer.take_batch()) == (0, None)
+
+
+def test_a_consumer_refuses_a_judge_and_a_writer_that_count_apart(
+        sqlite_registry: Registry) -> None:
+    with pytest.raises(ValueError, match="one IngestStats"):
+        HeartbeatConsumer("memory://", HeartbeatJudge([], history_points=1),
+                          BatchWriter(sqlite_registry))

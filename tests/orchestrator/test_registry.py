@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
 
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator import tables
-from chiffon_worker.orchestrator.ingest import Ingestor
+from chiffon_worker.orchestrator import sql_schema
 from chiffon_worker.orchestrator.registry import Registry
 
+from . import feeding
 from .conftest import RegistryFactory
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 pytestmark = pytest.mark.integration
@@ -20,18 +23,14 @@ T0 = float(int(time.time()))  # receipt times near the snapshots' collected_at
 
 
 def feed(registry: Registry, *snapshots: dict, start: float = T0, step: float = 30.0
-         ) -> Ingestor:
+         ) -> Feeder:
     """Ingest ``snapshots`` received ``step`` seconds apart from ``start``; one batch."""
-    ingestor = Ingestor(registry)
-    for n, snap in enumerate(snapshots):
-        ingestor.handle_snapshot(snap, received_at=start + n * step)
-    ingestor.flush()
-    return ingestor
+    return feeding.feed(registry, *snapshots, start=start, step=step)
 
 
 def test_a_new_registry_creates_its_tables_at_the_current_schema_version(
         registry: Registry) -> None:
-    assert registry.schema_version() == tables.SCHEMA_VERSION
+    assert registry.schema_version() == sql_schema.SCHEMA_VERSION
     assert registry.agents() == []
 
 
@@ -77,8 +76,8 @@ def test_first_seen_survives_later_batches_and_everything_survives_a_reopen(
 def test_sequencing_state_is_reloaded_so_a_replayed_heartbeat_stays_ignored_after_restart(
         registry_factory: RegistryFactory) -> None:
     feed(registry_factory(), make_snapshot("a1", seq=5, collected_at=T0))
-    ingestor = Ingestor(registry_factory())
-    outcome = ingestor.handle_snapshot(make_snapshot("a1", seq=5), received_at=T0 + 60)
+    feeder = Feeder(registry_factory())
+    outcome = feeder.snapshot(make_snapshot("a1", seq=5), received_at=T0 + 60)
     assert (outcome.kind, outcome.reason) == ("ignored", "duplicate")
 
 
@@ -97,12 +96,12 @@ def test_history_is_a_bounded_ring_returned_oldest_first(
         registry_factory: RegistryFactory) -> None:
     registry = registry_factory(history_points=5)
     snaps = [make_snapshot("a1", seq=n, load_1min=float(n)) for n in range(1, 13)]
-    ingestor = Ingestor(registry)
+    feeder = Feeder(registry)
     for n, snap in enumerate(snaps):  # several batches, wrapping the ring twice
-        ingestor.handle_snapshot(snap, received_at=T0 + n)
+        feeder.snapshot(snap, received_at=T0 + n)
         if n % 4 == 3:
-            ingestor.flush()
-    ingestor.flush()
+            feeder.commit()
+    feeder.commit()
     points = registry.history("a1")
     assert [p.cpu_load_1min for p in points] == [8.0, 9.0, 10.0, 11.0, 12.0]
     assert [p.received_at for p in points] == sorted(p.received_at for p in points)
@@ -141,8 +140,8 @@ def test_a_registry_written_by_a_newer_chiffon_is_refused(
         registry_factory: RegistryFactory) -> None:
     registry = registry_factory()
     with registry.engine.begin() as conn:
-        conn.execute(insert(tables.schema_version),
-                     {"version": tables.SCHEMA_VERSION + 1, "applied_at": time.time()})
+        conn.execute(insert(sql_schema.schema_version),
+                     {"version": sql_schema.SCHEMA_VERSION + 1, "applied_at": time.time()})
     with pytest.raises(RegistryError, match="newer than this chiffon"):
         registry_factory()
 
@@ -150,14 +149,12 @@ def test_a_registry_written_by_a_newer_chiffon_is_refused(
 def test_a_failed_batch_stores_nothing_and_leaves_earlier_data_intact(
         registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     feed(registry, make_snapshot("a1", seq=1))
-    ingestor = Ingestor(registry)
-    ingestor.handle_snapshot(make_snapshot("a1", seq=2), received_at=T0 + 30)
-    ingestor.handle_snapshot(make_snapshot("a2", seq=1), received_at=T0 + 30)
-    batches: list[tuple] = []
-    monkeypatch.setattr(registry, "write_batch", lambda a, h: batches.append((a, h)))
-    ingestor.flush()
-    monkeypatch.undo()
-    agent_rows, history_rows = batches[0]
+    feeder = Feeder(registry)
+    feeder.snapshot(make_snapshot("a1", seq=2), received_at=T0 + 30)
+    feeder.snapshot(make_snapshot("a2", seq=1), received_at=T0 + 30)
+    batch = feeder.writer.take_batch()
+    assert batch is not None
+    agent_rows, history_rows = batch.agent_rows, batch.history_rows
     broken = [*history_rows, {"agent_id": "a2", "slot": 1}]  # NOT NULL columns missing
     with pytest.raises(RegistryError, match="cannot write registry"):
         registry.write_batch(agent_rows, broken)
@@ -166,3 +163,42 @@ def test_a_failed_batch_stores_nothing_and_leaves_earlier_data_intact(
     assert record is not None and record.seq == 1
     registry.write_batch(agent_rows, history_rows)  # the registry still works
     assert [r.agent_id for r in registry.agents()] == ["a1", "a2"]
+
+
+#: The tables as the first release created them (SQLite DDL): columns in another order
+#: than today's, which is derived from the snapshot declaration.
+FIRST_RELEASE_DDL = """
+CREATE TABLE chiffon_schema_version (version INTEGER NOT NULL, applied_at FLOAT NOT NULL,
+    PRIMARY KEY (version));
+INSERT INTO chiffon_schema_version VALUES (1, 0.0);
+CREATE TABLE chiffon_agents (agent_id VARCHAR(256) NOT NULL, hostname VARCHAR(256) NOT NULL,
+    pool VARCHAR(256) NOT NULL, first_seen FLOAT NOT NULL, last_seen FLOAT NOT NULL,
+    boot_id VARCHAR(256) NOT NULL, started_at FLOAT NOT NULL, seq BIGINT NOT NULL,
+    restarts BIGINT NOT NULL, missed BIGINT NOT NULL, past_boot_ids TEXT NOT NULL,
+    history_count BIGINT NOT NULL, collected_at FLOAT NOT NULL, clock_skew_seconds FLOAT,
+    heartbeat_interval_seconds FLOAT NOT NULL, heartbeat_timeout_seconds FLOAT NOT NULL,
+    cpu_load_1min FLOAT NOT NULL, cpu_cores_physical INTEGER NOT NULL,
+    cpu_cores_available FLOAT NOT NULL, memory_available_gb FLOAT NOT NULL,
+    memory_total_gb FLOAT NOT NULL, gpu_type VARCHAR(16) NOT NULL,
+    gpu_vram_available_gb FLOAT NOT NULL, gpu_vram_total_gb FLOAT NOT NULL,
+    snapshot TEXT NOT NULL, PRIMARY KEY (agent_id));
+CREATE INDEX ix_chiffon_agents_pool ON chiffon_agents (pool);
+CREATE TABLE chiffon_history (agent_id VARCHAR(256) NOT NULL, slot INTEGER NOT NULL,
+    received_at FLOAT NOT NULL, cpu_load_1min FLOAT NOT NULL,
+    cpu_cores_available FLOAT NOT NULL, memory_available_gb FLOAT NOT NULL,
+    gpu_vram_available_gb FLOAT NOT NULL, PRIMARY KEY (agent_id, slot));
+"""
+
+
+def test_a_registry_created_by_the_first_release_keeps_working(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(FIRST_RELEASE_DDL)
+    with Registry(f"sqlite:///{path}") as registry:
+        assert registry.schema_version() == 1
+        feed(registry, make_snapshot("a1", seq=1, vram_available_gb=3.5, collected_at=T0),
+             make_snapshot("a1", seq=2, vram_available_gb=4.5, collected_at=T0 + 30))
+        record = registry.agent("a1")
+        assert record is not None
+        assert (record.seq, record.gpu_vram_available_gb) == (2, 4.5)
+        assert [p.gpu_vram_available_gb for p in registry.history("a1")] == [3.5, 4.5]

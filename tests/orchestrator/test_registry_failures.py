@@ -16,9 +16,9 @@ from sqlalchemy import event
 
 from chiffon_worker.config import Config
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
 
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 T0 = float(int(time.time()))
@@ -46,19 +46,22 @@ def test_a_full_disk_is_a_registry_error_and_stored_data_stays_readable(
         tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'reg.sqlite3'}"
     with Registry(url) as registry:
-        ingestor = Ingestor(registry)
-        ingestor.handle_snapshot(make_snapshot("kept", seq=1), received_at=T0)
-        ingestor.flush()
+        feeder = Feeder(registry)
+        feeder.snapshot(make_snapshot("kept", seq=1), received_at=T0)
+        feeder.commit()
         # SQLite's own "database or disk is full" error: cap the file at its current size
         event.listen(registry.engine, "connect",
                      lambda conn, _rec: conn.execute("PRAGMA max_page_count = 1"))
         registry.engine.dispose()
         for n in range(200):
-            ingestor.handle_snapshot(make_snapshot(f"new-{n}", seq=1), received_at=T0)
+            feeder.snapshot(make_snapshot(f"new-{n}", seq=1), received_at=T0)
+        batch = feeder.writer.take_batch()
+        assert batch is not None
         with pytest.raises(RegistryError, match="disk is full") as caught:
-            ingestor.flush()
+            feeder.writer.write(batch)
         assert "\n" not in str(caught.value)
-        assert ingestor.pending == 200, "the failed batch stays queued for a retry"
+        assert len(batch.agent_rows) == 200, "the failed batch is intact for a retry"
+        assert feeder.stats.write_errors == 1
     with Registry(url) as reopened:
         assert [r.agent_id for r in reopened.agents()] == ["kept"]
     with sqlite3.connect(tmp_path / "reg.sqlite3") as conn:
@@ -93,15 +96,15 @@ def test_writing_to_a_read_only_database_is_a_registry_error_and_reads_still_wor
         tmp_path: Path) -> None:
     path = tmp_path / "reg.sqlite3"
     with Registry(f"sqlite:///{path}") as registry:
-        ingestor = Ingestor(registry)
-        ingestor.handle_snapshot(make_snapshot("kept", seq=1), received_at=T0)
-        ingestor.flush()
+        feeder = Feeder(registry)
+        feeder.snapshot(make_snapshot("kept", seq=1), received_at=T0)
+        feeder.commit()
     with Registry(f"sqlite:///file:{path}?mode=ro&uri=true") as read_only:
         assert [r.agent_id for r in read_only.agents()] == ["kept"]
-        ingestor = Ingestor(read_only)
-        ingestor.handle_snapshot(make_snapshot("kept", seq=2), received_at=T0 + 30)
+        feeder = Feeder(read_only)
+        feeder.snapshot(make_snapshot("kept", seq=2), received_at=T0 + 30)
         with pytest.raises(RegistryError, match=r"readonly database.*writable"):
-            ingestor.flush()
+            feeder.commit()
         record = read_only.agent("kept")
         assert record is not None and record.seq == 1
 

@@ -14,11 +14,11 @@ from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 
 from chiffon_worker.errors import ChiffonError, RoutingError
-from chiffon_worker.orchestrator.ingest import Ingestor
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.orchestrator.routing import Router, pick_agent, work_queue
 from chiffon_worker.protocol import WorkRequest, WorkResult
 
+from .feeding import Feeder
 from .snapshots import make_snapshot
 
 #: Reset to the start of each test by the autouse ``fresh_now`` fixture (conftest.py).
@@ -29,7 +29,7 @@ NOW = time.time()
 def three_agents(sqlite_registry: Registry) -> Registry:
     """small: 4 cores, no GPU; mid: 12 GiB card with 6.1 free; big: 24 GiB with 20.5 free,
     busy CPU; plus an offline agent with lots of everything, and one in another pool."""
-    ingestor = Ingestor(sqlite_registry)
+    feeder = Feeder(sqlite_registry)
     snaps = [
         make_snapshot("small", gpu=False, cores_physical=4, load_1min=0.5,
                       memory_available_gb=12.0, memory_total_gb=15.5),
@@ -41,11 +41,10 @@ def three_agents(sqlite_registry: Registry) -> Registry:
                       vram_available_gb=47.0, cores_physical=32, load_1min=0.0),
     ]
     for snap in snaps:
-        ingestor.handle_snapshot(snap, received_at=NOW)
-    ingestor.handle_snapshot(make_snapshot("gone", vram_total_gb=47.99, vram_available_gb=47.0,
-                                           cores_physical=64, load_1min=0.0),
-                             received_at=NOW - 3600)
-    ingestor.flush()
+        feeder.snapshot(snap, received_at=NOW)
+    feeder.snapshot(make_snapshot("gone", vram_total_gb=47.99, vram_available_gb=47.0,
+                                  cores_physical=64, load_1min=0.0), received_at=NOW - 3600)
+    feeder.commit()
     return sqlite_registry
 
 

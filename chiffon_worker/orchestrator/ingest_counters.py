@@ -1,4 +1,5 @@
-"""Counters of the heartbeat consumer, read by the Prometheus exporter.
+"""Counters of the heartbeat consumer (judge, batch writer, broker loop), read by the
+Prometheus exporter.
 
 One thread (the consumer) writes; the exporter reads copies. Plain integers under the
 GIL are enough: a scrape may see a value one message old, never a torn one.

@@ -1,8 +1,9 @@
-"""The heartbeat consumer: ``chiffon.heartbeats`` -> :class:`~.ingest.Ingestor` -> registry.
+"""The heartbeat consumer: ``chiffon.heartbeats`` -> judge -> batch writer -> registry.
 
 A plain kombu consumer (no Celery worker) reading raw message bodies, so every message,
-however broken, is judged by the ingestor and never crashes the loop. Messages are taken
-with a large prefetch, judged one by one, and written in batches: one registry
+however broken, is judged (:class:`~.judge.HeartbeatJudge`) and never crashes the loop;
+the rows of accepted heartbeats go to a :class:`~.batch_writer.BatchWriter`. Messages
+are taken with a large prefetch, judged one by one, and written in batches: one registry
 transaction per ``batch_size`` messages or ``max_delay_seconds``, whichever comes first.
 Messages are acknowledged only after their batch is committed (on AMQP with one
 ``multiple=True`` ack), so a crash loses nothing: unacked messages are redelivered.
@@ -29,7 +30,8 @@ from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator.ingest import Batch, Ingestor
+from chiffon_worker.orchestrator.batch_writer import Batch, BatchWriter
+from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ _READ_AHEAD_BYTES = 1 << 16
 
 
 class HeartbeatConsumer:
-    """Consume heartbeats from ``queue`` on ``broker_url`` into ``ingestor``'s registry.
+    """Consume heartbeats from ``queue`` on ``broker_url``: ``judge`` judges each message,
+    ``writer`` commits the accepted ones' rows. Counts go to ``judge.stats`` (give the
+    writer the same :class:`~.IngestStats`).
 
     ``prefetch_count``: unacked messages the broker may send ahead (messages);
     ``batch_size``: messages per registry transaction (at most half the prefetch);
@@ -52,7 +56,8 @@ class HeartbeatConsumer:
     ``poll_seconds``: how often an idle loop wakes to flush and check :meth:`stop`.
     """
 
-    def __init__(self, broker_url: str, ingestor: Ingestor, *, queue: str = HEARTBEAT_QUEUE,
+    def __init__(self, broker_url: str, judge: HeartbeatJudge, writer: BatchWriter, *,
+                 queue: str = HEARTBEAT_QUEUE,
                  prefetch_count: int = DEFAULT_PREFETCH, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_delay_seconds: float = DEFAULT_MAX_DELAY_SECONDS,
                  poll_seconds: float = 0.25, reconnect_max_seconds: float = 30.0,
@@ -60,10 +65,13 @@ class HeartbeatConsumer:
                  connection_name: str = "chiffon-orchestrator") -> None:
         if prefetch_count < 2 or not 1 <= batch_size <= prefetch_count // 2:
             raise ValueError("need prefetch_count >= 2 and 1 <= batch_size <= prefetch/2")
+        if writer.stats is not judge.stats:
+            raise ValueError("the judge and the writer must count into one IngestStats")
         self.broker_url = broker_url
         self.masked_url = mask_url(broker_url)
-        self.ingestor = ingestor
-        self.stats = ingestor.stats
+        self.judge = judge
+        self.writer = writer
+        self.stats = judge.stats
         self.queue_name = queue
         self.prefetch_count = prefetch_count
         self.batch_size = batch_size
@@ -173,10 +181,12 @@ class HeartbeatConsumer:
         if not self._messages:
             self._first_pending_at = time.monotonic()
         self._messages.append(message)
-        self.ingestor.handle_message(
+        outcome = self.judge.judge_message(
             message.body, message.headers, message.content_type, message.content_encoding,
             received_at=time.time(),
             redelivered=bool(message.delivery_info.get("redelivered", False)))
+        if outcome.rows is not None:
+            self.writer.add(outcome.rows)
         if len(self._messages) >= self.batch_size:
             self._flush()
 
@@ -184,7 +194,7 @@ class HeartbeatConsumer:
         """Commit ``batch``, retrying per ``write_retry_delays``."""
         for attempt, delay in enumerate((*self.write_retry_delays, None), start=1):
             try:
-                self.ingestor.write(batch)
+                self.writer.write(batch)
                 return
             except RegistryError as exc:
                 if delay is None or self._stop.is_set():
@@ -198,9 +208,9 @@ class HeartbeatConsumer:
         Commits run in this thread: a writer thread was measured slower here (the GIL
         makes the two threads take turns rather than overlap).
         """
-        if not self._messages and not self.ingestor.pending:
+        if not self._messages and not self.writer.pending:
             return
-        batch = self.ingestor.take_batch()
+        batch = self.writer.take_batch()
         if batch is not None:
             self._write(batch)
         messages, self._messages = self._messages, []
@@ -219,7 +229,7 @@ class HeartbeatConsumer:
         duplicates and are acked then.
         """
         self._messages = []
-        batch = self.ingestor.take_batch()
+        batch = self.writer.take_batch()
         if batch is not None:
             self._write(batch)
 

@@ -1,0 +1,254 @@
+"""Judging heartbeat messages: raw body in, an :class:`Outcome` (and rows to write) out.
+
+:class:`HeartbeatJudge` is pure: no broker, no database, no clock (the receipt time is
+passed in). It keeps every agent's sequencing state in memory, seeded from the
+registry's records at start (the orchestrator is the registry's only writer), so judging
+a heartbeat costs no query. Per message: decode (:mod:`.decoding`), check the signature
+(when a secret is set), validate (``protocol.validate_snapshot``), check that the
+registry can store it, sequence (:mod:`.liveness`), and build the agent row and history
+point an accepted heartbeat writes (:class:`Rows`; :mod:`.batch_writer` writes them).
+
+Outcomes: *accepted* (rows to write), *rejected* (not a valid heartbeat, or unsigned,
+forged or replayed when signing is on: counted by reason, logged, dropped) and *ignored*
+(a valid but stale heartbeat: duplicate, out of order, from a superseded boot, expired,
+or a redelivery after a broker reconnect). Counts go to :class:`.IngestStats`; log lines
+are rate-limited per kind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from chiffon_worker.errors import ProtocolError
+from chiffon_worker.orchestrator import decoding, liveness
+from chiffon_worker.orchestrator.decoding import HeartbeatRejected
+from chiffon_worker.orchestrator.ingest_counters import IngestStats
+from chiffon_worker.orchestrator.log_limiter import LimitedLog
+from chiffon_worker.orchestrator.sql_schema import (
+    HISTORY_METRICS,
+    SNAPSHOT_COLUMNS,
+    check_storable,
+)
+from chiffon_worker.protocol import validate_snapshot
+from chiffon_worker.signing import SignatureError, verify_snapshot
+
+if TYPE_CHECKING:
+    from chiffon_worker.orchestrator.registry import AgentRecord
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """What one accepted heartbeat writes: its agent's row (every column of
+    ``chiffon_agents``; ``snapshot`` is the JSON text as received, or the dict to
+    serialise) and one history point (every column of ``chiffon_history``)."""
+
+    agent: dict[str, Any]
+    history: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one message: ``kind`` is accepted/rejected/ignored, ``reason``
+    a short label (empty when accepted), ``rows`` what an accepted heartbeat writes."""
+
+    kind: str
+    reason: str = ""
+    rows: Rows | None = None
+
+
+class _AgentMemory:
+    """Per-agent state the judge needs between heartbeats."""
+
+    __slots__ = ("first_seen", "history_count", "missed", "past_json", "restarts", "seq",
+                 "skewed")
+
+    def __init__(self, seq: liveness.SeqState, *, first_seen: float, restarts: int, missed: int,
+                 history_count: int, skewed: bool) -> None:
+        self.seq = seq
+        self.first_seen = first_seen
+        self.restarts = restarts
+        self.missed = missed
+        self.history_count = history_count
+        self.skewed = skewed
+        self.past_json = json.dumps(list(seq.past_boot_ids))
+
+
+class HeartbeatJudge:
+    """Judges heartbeats (see the module docstring).
+
+    ``known``: the registry's records at start (``Registry.agents()``);
+    ``history_points``: the registry's ring size per agent; ``secret``: the HMAC key
+    heartbeats must be signed with (empty accepts unsigned ones); ``stats``: where the
+    counts go (shared with the batch writer and the consumer).
+    """
+
+    def __init__(self, known: Iterable[AgentRecord], *, history_points: int,
+                 secret: str = "", stats: IngestStats | None = None) -> None:
+        if history_points < 1:
+            raise ValueError("history_points must be at least 1")
+        self.secret = secret
+        self.stats = stats if stats is not None else IngestStats()
+        self.history_points = history_points
+        self._log = LimitedLog(log)
+        self._agents: dict[str, _AgentMemory] = {}
+        for record in known:
+            self._agents[record.agent_id] = _AgentMemory(
+                liveness.SeqState(record.boot_id, record.started_at, record.seq,
+                                  record.past_boot_ids),
+                first_seen=record.first_seen, restarts=record.restarts, missed=record.missed,
+                history_count=record.history_count,
+                skewed=record.clock_skew_seconds is not None)
+
+    @property
+    def known_agents(self) -> int:
+        """Agents the judge has sequencing state for."""
+        return len(self._agents)
+
+    def judge_message(self, body: bytes | str, headers: Mapping[str, Any] | None,
+                      content_type: str | None, content_encoding: str | None = None, *,
+                      received_at: float, redelivered: bool = False) -> Outcome:
+        """Judge one raw message received at ``received_at`` (unix seconds).
+
+        Never raises for bad input (it is counted and logged).
+        """
+        try:
+            expiry = decoding.expires_at(headers)
+            decoded = decoding.decode_heartbeat(body, headers, content_type, content_encoding)
+        except HeartbeatRejected as exc:
+            return self._reject(exc, received_at)
+        if expiry is not None and expiry < received_at:
+            return self._ignore("expired", decoded.snapshot.get("agent_id"), received_at)
+        return self.judge_snapshot(decoded.snapshot, received_at=received_at,
+                                   redelivered=redelivered, text=decoded.text)
+
+    def judge_snapshot(self, snapshot: Mapping[str, Any], *, received_at: float,
+                       redelivered: bool = False, text: str | None = None) -> Outcome:
+        """Judge one decoded snapshot received at ``received_at`` (unix seconds).
+
+        ``text``: the snapshot's JSON as received, stored as is (else it is serialised
+        when written).
+        """
+        raw_id = snapshot.get("agent_id")
+        agent_id = raw_id if isinstance(raw_id, str) else None
+        try:
+            if self.secret:
+                verify_snapshot(snapshot, self.secret)
+            snap = validate_snapshot(snapshot)
+            check_storable(snap)
+        except SignatureError as exc:
+            return self._reject(HeartbeatRejected(exc.reason, str(exc), agent_id), received_at)
+        except ProtocolError as exc:
+            reason = decoding.SCHEMA_VERSION if exc.field == "schema" else decoding.INVALID
+            return self._reject(HeartbeatRejected(reason, str(exc), agent_id), received_at)
+        return self._sequence(snap, received_at, redelivered, text)
+
+    def _sequence(self, snap: dict[str, Any], received_at: float, redelivered: bool,
+                  text: str | None) -> Outcome:
+        agent_id: str = snap["agent_id"]
+        memory = self._agents.get(agent_id)
+        prev = memory.seq if memory is not None else None
+        boot_id, started_at, seq = snap["boot_id"], float(snap["started_at"]), snap["seq"]
+        verdict = liveness.sequence(prev, boot_id, started_at, seq)
+        if not verdict.accepted:
+            if redelivered:
+                return self._ignore("redelivered", agent_id, received_at)
+            if self.secret:
+                return self._reject(HeartbeatRejected(
+                    decoding.REPLAYED, f"{verdict.verdict.value}: seq {seq} of boot {boot_id} "
+                    f"after seq {prev.seq if prev else '-'}", agent_id), received_at)
+            if verdict.verdict is liveness.Verdict.STALE_BOOT:
+                self._log.log(logging.WARNING, "stale_boot", received_at,
+                              "agent %s: heartbeat from superseded boot %s ignored "
+                              "(do two machines share this agent id?)", agent_id, boot_id)
+            return self._ignore(verdict.verdict.value, agent_id, received_at)
+        new_seq = liveness.advance(prev, boot_id, started_at, seq)
+        skew = liveness.clock_skew(float(snap["collected_at"]), received_at,
+                                   float(snap["heartbeat_interval_seconds"]))
+        if memory is None:
+            memory = _AgentMemory(new_seq, first_seen=received_at, restarts=0, missed=0,
+                                  history_count=0, skewed=False)
+            self._agents[agent_id] = memory
+            log.debug("new agent %s (%s, pool %s)", agent_id, snap["hostname"], snap["pool"])
+        else:
+            before, memory.seq = memory.seq, new_seq
+            self._note_sequence(memory, verdict, before, snap, received_at)
+        self._note_skew(memory, agent_id, skew, received_at)
+        self.stats.accepted += 1
+        return Outcome(ACCEPTED, "", self._rows(agent_id, memory, snap, received_at=received_at,
+                                                skew=skew, text=text))
+
+    def _note_sequence(self, memory: _AgentMemory, verdict: liveness.Sequencing,
+                       prev: liveness.SeqState, snap: dict[str, Any], now: float) -> None:
+        """Count a restart or a gap of a known agent (``prev``: its state before this
+        heartbeat; ``memory.seq`` already holds the new one)."""
+        agent_id, seq = snap["agent_id"], snap["seq"]
+        if verdict.verdict is liveness.Verdict.RESTART:
+            memory.restarts += 1
+            self.stats.restarts += 1
+            memory.past_json = json.dumps(list(memory.seq.past_boot_ids))
+            self._log.log(logging.INFO, "restart", now,
+                          "agent %s restarted (boot %s seq %s -> boot %s seq %d)", agent_id,
+                          prev.boot_id, prev.seq, snap["boot_id"], seq)
+        elif verdict.missed:
+            memory.missed += verdict.missed
+            self.stats.gaps += 1
+            self.stats.missed += verdict.missed
+            self._log.log(logging.INFO, "gap", now,
+                          "agent %s: %d heartbeat(s) missed (seq %d -> %d)", agent_id,
+                          verdict.missed, seq - verdict.missed - 1, seq)
+
+    def _note_skew(self, memory: _AgentMemory, agent_id: str, skew: float | None,
+                   now: float) -> None:
+        if skew is not None:
+            self.stats.clock_skewed += 1
+            if not memory.skewed:
+                self._log.log(logging.WARNING, "skew", now,
+                              "agent %s: clock off by %+.1f s (collected_at vs receipt; "
+                              "or the message waited that long in the queue); liveness "
+                              "uses the receipt time", agent_id, skew)
+        elif memory.skewed:
+            self._log.log(logging.INFO, "unskew", now,
+                          "agent %s: clock skew back within bounds", agent_id)
+        memory.skewed = skew is not None
+
+    def _rows(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any], *,
+              received_at: float, skew: float | None, text: str | None) -> Rows:
+        row = {name: snap[name] for name in SNAPSHOT_COLUMNS}
+        row["first_seen"] = memory.first_seen
+        row["last_seen"] = received_at
+        row["restarts"] = memory.restarts
+        row["missed"] = memory.missed
+        row["past_boot_ids"] = memory.past_json
+        row["clock_skew_seconds"] = skew
+        slot = memory.history_count % self.history_points
+        memory.history_count += 1
+        row["history_count"] = memory.history_count
+        row["snapshot"] = snap if text is None else text
+        point = {name: snap[name] for name in HISTORY_METRICS}
+        point["agent_id"] = agent_id
+        point["slot"] = slot
+        point["received_at"] = received_at
+        return Rows(row, point)
+
+    # -- counting and logging ---------------------------------------------------------------
+
+    def _reject(self, exc: HeartbeatRejected, now: float) -> Outcome:
+        self.stats.rejected[exc.reason] += 1
+        self._log.log(logging.WARNING, "reject:" + exc.reason, now, "%s", str(exc)[:300])
+        return Outcome(REJECTED, exc.reason)
+
+    def _ignore(self, reason: str, agent_id: Any, now: float) -> Outcome:
+        self.stats.ignored[reason] += 1
+        self._log.log(logging.DEBUG, "ignore:" + reason, now,
+                      "heartbeat from %r ignored (%s)", agent_id, reason)
+        return Outcome(IGNORED, reason)

@@ -1,0 +1,280 @@
+"""The heartbeat snapshot (schema 1), declared once: every key, its type, unit and roles.
+
+Each :class:`Field` says what a key holds (JSON types, unit, doc), what a valid value is
+(constraints) and where the orchestrator uses it (roles). Everything else is derived
+from these tables: validation (``snapshot_validator``, behind
+``protocol.validate_snapshot``), the registry's columns (``orchestrator.sql_schema``),
+the rows ingest writes, the registry records' metric attributes, the Prometheus gauges
+(``orchestrator.exporter``) and the needs routing accepts (``orchestrator.routing``).
+
+Rules every field shares: numbers are JSON numbers (``bool`` is not one), finite, and
+not negative unless ``non_negative`` is False. ``_gb`` means GiB (2^30 bytes); times are
+unix seconds. A snapshot may carry keys not declared here (newer agents add some);
+fields with ``required=False`` are documented but never checked, so agents that omit
+them stay valid.
+
+This module is a leaf: plain data, no imports from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: The snapshot schema this code reads and writes (the ``schema`` key).
+SNAPSHOT_SCHEMA = 1
+#: Bytes per GiB: every ``_gb`` value is GiB.
+GIB = float(1 << 30)
+#: Longest identifier (``agent_id``, ``hostname``, ``pool``, ``boot_id``), characters.
+MAX_ID_LENGTH = 256
+
+#: ``gpu_type`` values: the primary GPU's vendor, or ``none`` without a GPU.
+GPU_TYPES = ("nvidia", "amd", "intel", "none")
+#: ``gpus[i].vendor`` values (a listed device always has a vendor).
+GPU_VENDORS = GPU_TYPES[:-1]
+#: ``gpu_probe.state`` values.
+PROBE_STATES = ("ok", "stale", "timeout", "error", "absent")
+
+NUMBER: tuple[type, ...] = (int, float)
+INTEGER: tuple[type, ...] = (int,)
+TEXT: tuple[type, ...] = (str,)
+OBJECT: tuple[type, ...] = (dict,)
+ARRAY: tuple[type, ...] = (list,)
+
+Section = Literal["envelope", "metric", "gpu", "gpu_probe"]
+SqlType = Literal["float", "integer", "bigint", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A field stored as a column of the registry's agents table.
+
+    ``sql``: ``float`` (double), ``integer`` (32-bit), ``bigint`` (64-bit) or ``text``
+    (at most ``length`` characters). ``history``: also kept, per heartbeat, in the
+    history table (a series ``chiffon history`` plots).
+    """
+
+    sql: SqlType
+    length: int = 0
+    primary_key: bool = False
+    indexed: bool = False
+    history: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    """A field exported per agent as a Prometheus gauge.
+
+    ``scale`` turns the snapshot's unit into Prometheus' base unit (GiB -> bytes).
+    """
+
+    name: str
+    help: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """A field work can be routed on: ``needs={key: amount}`` in the field's unit."""
+
+    key: str
+    noun: str
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One snapshot key (see the module docstring for the rules every field shares).
+
+    Constraints: ``non_negative`` (numbers >= 0), ``positive`` (> 0), ``maximum``
+    (<= it), ``choices`` (one of these strings), ``nullable`` (null allowed),
+    ``identifier`` (non-empty text of at most ``MAX_ID_LENGTH`` characters without
+    control characters). Roles: ``column`` (and its ``history``), ``gauge``, ``need``.
+    ``label`` is the short lower-case name a status table or chart shows it under (every
+    flat metric has one); ``unit`` its unit (``""``: a count or plain number).
+    """
+
+    name: str
+    section: Section
+    types: tuple[type, ...]
+    doc: str
+    unit: str = ""
+    label: str = ""
+    required: bool = True
+    non_negative: bool = True
+    positive: bool = False
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+    identifier: bool = False
+    column: Column | None = None
+    gauge: Gauge | None = None
+    need: Need | None = None
+
+    @property
+    def numeric(self) -> bool:
+        """Whether the value is a JSON number."""
+        return float in self.types or int in self.types
+
+    @property
+    def history(self) -> bool:
+        """Whether the registry keeps a history series of this field."""
+        return self.column is not None and self.column.history
+
+    @property
+    def unit_suffix(self) -> str:
+        """The unit as written after a number: ``" GiB"``, ``"%"``, ``" s"`` or ``""``."""
+        if not self.unit or self.unit == "%":
+            return self.unit
+        return " " + self.unit
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """A rule between two fields: ``count_of`` (``field`` == len(``other``)) or
+    ``not_above`` (``field`` <= ``other``, within 1e-6 for rounding)."""
+
+    kind: Literal["count_of", "not_above"]
+    field: str
+    other: str
+
+
+_ID = Column("text", MAX_ID_LENGTH)
+_TIME = Column("float")
+
+#: Top-level keys, in the order they are checked (a snapshot's first problem is reported).
+FIELDS: tuple[Field, ...] = (
+    # -- the envelope: who sent it, when, and how often to expect the next one
+    Field("schema", "envelope", INTEGER, f"snapshot schema version (must be {SNAPSHOT_SCHEMA})"),
+    Field("agent_id", "envelope", TEXT, "the agent's stable id", label="agent",
+          identifier=True, column=Column("text", MAX_ID_LENGTH, primary_key=True)),
+    Field("hostname", "envelope", TEXT, "the machine's host name (for display)",
+          label="host", identifier=True, column=_ID),
+    Field("pool", "envelope", TEXT, "the pool (work queue) the agent consumes",
+          label="pool", identifier=True, column=Column("text", MAX_ID_LENGTH, indexed=True)),
+    Field("boot_id", "envelope", TEXT, "changes on every start of the agent", label="boot",
+          identifier=True, column=_ID),
+    Field("seq", "envelope", INTEGER, "heartbeat number within this boot, from 1 "
+          "(0 outside heartbeats)", label="seq", column=Column("bigint")),
+    Field("started_at", "envelope", NUMBER, "when the agent process started (agent clock)",
+          unit="unix s", label="started", column=_TIME),
+    Field("collected_at", "envelope", NUMBER, "when this snapshot was taken (agent clock)",
+          unit="unix s", label="collected", column=_TIME),
+    Field("heartbeat_interval_seconds", "envelope", NUMBER, "the agent's heartbeat period",
+          unit="s", label="interval", positive=True, column=_TIME),
+    Field("heartbeat_timeout_seconds", "envelope", NUMBER,
+          "silence after which the agent counts as offline", unit="s", label="timeout",
+          positive=True, column=_TIME),
+    Field("capabilities", "envelope", OBJECT, "what work the agent can do"),
+    Field("version", "envelope", TEXT, "chiffon_worker version of the agent"),
+    Field("gpus", "envelope", ARRAY, "one object per GPU (see GPU_ENTRY_FIELDS)"),
+    Field("gpu_probe", "envelope", OBJECT, "how the GPU reading was obtained "
+          "(see GPU_PROBE_FIELDS)"),
+    # -- the flat metrics the orchestrator routes on
+    Field("cpu_percent", "metric", NUMBER, "CPU busy since the previous snapshot "
+          "(the first of a process: since boot)", unit="%", label="cpu busy", maximum=100.0),
+    Field("cpu_load_1min", "metric", NUMBER, "1-minute load average", label="load 1m",
+          column=Column("float", history=True),
+          gauge=Gauge("chiffon_agent_cpu_load_1min", "1-minute load average")),
+    Field("cpu_load_5min", "metric", NUMBER, "5-minute load average", label="load 5m"),
+    Field("cpu_load_15min", "metric", NUMBER, "15-minute load average", label="load 15m"),
+    Field("cpu_cores_physical", "metric", INTEGER, "physical cores (logical where unknown)",
+          label="cores", column=Column("integer"),
+          gauge=Gauge("chiffon_agent_cpu_cores_physical", "physical cores")),
+    Field("cpu_cores_available", "metric", NUMBER, "max(1, usable cores - 1-minute load); "
+          "usable: physical, capped by CPU affinity and cgroup quota", label="cores free",
+          column=Column("float", history=True),
+          gauge=Gauge("chiffon_agent_cpu_cores_available",
+                      "cores free: max(1, usable cores - load)"),
+          need=Need("cores", "free cores")),
+    Field("memory_percent", "metric", NUMBER, "memory in use", unit="%", label="mem used",
+          maximum=100.0),
+    Field("memory_available_gb", "metric", NUMBER, "memory available (cgroup-capped)",
+          unit="GiB", label="mem avail", column=Column("float", history=True),
+          gauge=Gauge("chiffon_agent_memory_available_bytes", "memory available", GIB),
+          need=Need("memory_gb", "available memory")),
+    Field("memory_total_gb", "metric", NUMBER, "memory total (cgroup-capped)", unit="GiB",
+          label="mem total", column=Column("float"),
+          gauge=Gauge("chiffon_agent_memory_total_bytes", "memory total", GIB)),
+    Field("gpu_vram_total_gb", "metric", NUMBER, "VRAM of the primary GPU (0 without one)",
+          unit="GiB", label="vram total", column=Column("float"),
+          gauge=Gauge("chiffon_agent_gpu_vram_total_bytes", "VRAM of the primary GPU", GIB)),
+    Field("gpu_vram_available_gb", "metric", NUMBER, "free VRAM of the primary GPU "
+          "(0 without one)", unit="GiB", label="vram avail",
+          column=Column("float", history=True),
+          gauge=Gauge("chiffon_agent_gpu_vram_available_bytes", "free VRAM of the primary GPU",
+                      GIB),
+          need=Need("gpu_vram_gb", "free VRAM")),
+    Field("gpu_type", "metric", TEXT, "vendor of the primary GPU", label="gpu",
+          choices=GPU_TYPES, column=Column("text", 16)),
+    Field("gpu_count", "metric", INTEGER, "GPUs seen (the length of gpus)", label="gpus"),
+    # -- optional keys (as built): documented, never checked
+    Field("agent_type", "envelope", TEXT, "the agent kind, e.g. desktop", required=False),
+    Field("cpu_cores_effective", "metric", NUMBER, "usable cores (physical capped by "
+          "affinity and cgroup quota) that cpu_cores_available is derived from",
+          required=False),
+    Field("signature", "envelope", TEXT, "HMAC-SHA256 of the snapshot when "
+          "heartbeat_secret is set", required=False),
+)
+
+#: Rules between fields, in the order they are checked (after every field on its own).
+RELATIONS: tuple[Relation, ...] = (
+    Relation("count_of", "gpu_count", "gpus"),
+    Relation("not_above", "gpu_vram_available_gb", "gpu_vram_total_gb"),
+    Relation("not_above", "memory_available_gb", "memory_total_gb"),
+)
+
+#: Keys of each ``gpus`` entry, in the order they are checked.
+GPU_ENTRY_FIELDS: tuple[Field, ...] = (
+    Field("index", "gpu", INTEGER, "the device's index within its source"),
+    Field("vendor", "gpu", TEXT, "nvidia, amd or intel", choices=GPU_VENDORS),
+    Field("name", "gpu", TEXT, "the device's model name"),
+    Field("vram_total_gb", "gpu", NUMBER, "VRAM", unit="GiB", nullable=True),
+    Field("vram_available_gb", "gpu", NUMBER, "free VRAM (null where the platform does "
+          "not tell)", unit="GiB", nullable=True),
+    Field("utilization_percent", "gpu", NUMBER, "busy", unit="%", nullable=True),
+    Field("temperature_c", "gpu", NUMBER, "temperature", unit="degC", nullable=True),
+    Field("source", "gpu", TEXT, "the probe that saw it (nvml, nvidia-smi, amd-sysfs, ...)"),
+    Field("error", "gpu", TEXT, "why this device alone could not be read", nullable=True,
+          required=False),
+)
+
+#: Keys of ``gpu_probe``; only ``state`` is checked (absent counts as not one of them).
+GPU_PROBE_FIELDS: tuple[Field, ...] = (
+    Field("state", "gpu_probe", TEXT, "ok, stale (last good reading), timeout, error or "
+          "absent", choices=PROBE_STATES),
+    Field("source", "gpu_probe", TEXT, "the sources that answered, joined with +",
+          required=False),
+    Field("age_seconds", "gpu_probe", NUMBER, "age of the reading", unit="s",
+          required=False),
+    Field("error", "gpu_probe", TEXT, "what went wrong", nullable=True, required=False),
+)
+
+#: Every top-level field by key.
+FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+#: Required top-level fields (what every schema-1 snapshot carries), in check order.
+REQUIRED_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.required)
+#: Fields stored as registry columns, in declaration order.
+STORED_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.column is not None)
+#: Stored metrics: the attributes of a registry record beyond its envelope.
+STORED_METRICS: tuple[Field, ...] = tuple(f for f in STORED_FIELDS if f.section == "metric")
+#: Fields the registry keeps a history of (one series each).
+HISTORY_FIELDS: tuple[Field, ...] = tuple(f for f in STORED_FIELDS if f.history)
+#: Fields exported as per-agent Prometheus gauges.
+GAUGE_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.gauge is not None)
+#: Fields work can be routed on.
+NEED_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.need is not None)
+
+
+def _types_of(section: Section) -> dict[str, tuple[type, ...]]:
+    return {f.name: f.types for f in REQUIRED_FIELDS if f.section == section}
+
+
+#: The envelope every heartbeat carries: key -> JSON types.
+SNAPSHOT_ENVELOPE_KEYS: dict[str, tuple[type, ...]] = _types_of("envelope")
+#: Flat snapshot keys the orchestrator routes on: key -> JSON types.
+SNAPSHOT_METRIC_KEYS: dict[str, tuple[type, ...]] = _types_of("metric")
+#: Every required top-level key.
+SNAPSHOT_KEYS: tuple[str, ...] = (*SNAPSHOT_ENVELOPE_KEYS, *SNAPSHOT_METRIC_KEYS)
+#: Required fields of each ``gpus`` entry: key -> (JSON types, may be null).
+GPU_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    f.name: (f.types, f.nullable) for f in GPU_ENTRY_FIELDS if f.required}
