@@ -25,6 +25,10 @@ HEARTBEAT_TASK = "chiffon.heartbeat"
 EXECUTE_WORK_TASK = "chiffon.execute_work"
 #: Prefix of the queue only one agent consumes: ``chiffon.agent.<agent_id>``.
 AGENT_QUEUE_PREFIX = "chiffon.agent."
+#: Celery's event exchange (a topic exchange) and the routing keys of worker events
+#: (``worker.online``, ``worker.heartbeat``, ``worker.offline``).
+WORKER_EVENTS_EXCHANGE = "celeryev"
+WORKER_EVENTS_ROUTING_KEY = "worker.#"
 #: The name of the ``celery inspect`` command that answers with an agent's snapshot.
 METRICS_INSPECT_COMMAND = "chiffon_metrics"
 

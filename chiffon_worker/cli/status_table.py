@@ -61,7 +61,7 @@ TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
 
 def status_row(record: AgentRecord, now: float) -> list[str]:
     """One table row (see ``TABLE_HEADERS``)."""
-    return [record.agent_id, record.hostname, record.pool, record.state(now),
+    return [record.agent_id, record.hostname, record.pool, record.liveness(now),
             format_age(record.age_seconds(now)),
             *(column.cell(record) for column in METRIC_COLUMNS)]
 
@@ -70,6 +70,6 @@ def render_status(records: Sequence[AgentRecord], now: float) -> str:
     """The ``chiffon status`` table with a one-line summary."""
     if not records:
         return NO_AGENTS
-    online = sum(1 for r in records if r.state(now) == "online")
+    online = sum(1 for r in records if r.liveness(now) == "online")
     table = render_table(TABLE_HEADERS, (status_row(r, now) for r in records))
     return f"{table}\n\n{online} of {len(records)} agents online"

@@ -12,12 +12,17 @@ if TYPE_CHECKING:
 
 def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
     """One agent for ``chiffon status --json``: registry fields, then its newest snapshot's
-    keys (times in unix seconds, ``age_seconds`` since the newest heartbeat was received)."""
+    keys (times in unix seconds, ``age_seconds`` since the newest heartbeat was received).
+
+    ``liveness`` is ``online``, ``stopped`` or ``lost``; ``state`` its coarse form,
+    ``online`` or ``offline``, as always; ``last_event_at`` the receipt time of the newest
+    Celery worker event (null until one was seen)."""
     obj: dict[str, Any] = {
         "agent_id": record.agent_id,
         "hostname": record.hostname,
         "pool": record.pool,
         "state": record.state(now),
+        "liveness": record.liveness(now),
         "age_seconds": round(record.age_seconds(now), 3),
         "boot_id": record.boot_id,
         "seq": record.seq,
@@ -26,6 +31,7 @@ def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
         "first_seen": record.first_seen,
         "last_seen": record.last_seen,
         "clock_skew_seconds": record.clock_skew_seconds,
+        "last_event_at": record.signs.last_event_at if record.signs else None,
     }
     for key, value in record.snapshot.items():
         if key not in obj and key != SIGNATURE_KEY:

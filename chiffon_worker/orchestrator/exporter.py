@@ -34,6 +34,7 @@ from prometheus_client.exposition import start_http_server
 from chiffon_worker.errors import ChiffonError, RegistryError
 from chiffon_worker.orchestrator.decoding import REJECT_REASONS
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
+from chiffon_worker.orchestrator.liveness import LIVENESS_STATES
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.snapshot import GAUGE_FIELDS
 
@@ -79,8 +80,11 @@ class OrchestratorCollector:
         registry_up.add_metric([], 1)
         yield registry_up
         now = self.clock()
-        up = GaugeMetricFamily("chiffon_agent_up", "1 while the newest heartbeat is younger "
-                               "than the agent's heartbeat_timeout_seconds", labels=_LABELS)
+        up = GaugeMetricFamily("chiffon_agent_up", "1 while the agent is online (a sign of "
+                               "life within its window), else 0", labels=_LABELS)
+        liveness = GaugeMetricFamily("chiffon_agent_liveness", "1 for the agent's liveness "
+                                     "state (online, stopped, lost), 0 for the others",
+                                     labels=[*_LABELS, "state"])
         age = GaugeMetricFamily("chiffon_agent_heartbeat_age_seconds",
                                 "seconds since the newest heartbeat was received",
                                 labels=_LABELS)
@@ -93,13 +97,17 @@ class OrchestratorCollector:
                                      labels=_LABELS)
         for record in records:
             labels = [record.agent_id, record.hostname, record.pool]
-            up.add_metric(labels, 1.0 if record.state(now) == "online" else 0.0)
+            current = record.liveness(now)
+            up.add_metric(labels, 1.0 if current == "online" else 0.0)
+            for state in LIVENESS_STATES:
+                liveness.add_metric([*labels, state], 1.0 if current == state else 0.0)
             age.add_metric(labels, record.age_seconds(now))
             for family, (key, _, _, scale) in zip(gauges, _AGENT_GAUGES, strict=True):
                 family.add_metric(labels, record.number(key) * scale)
             restarts.add_metric(labels, record.restarts)
             missed.add_metric(labels, record.missed)
         yield up
+        yield liveness
         yield age
         yield from gauges
         yield restarts

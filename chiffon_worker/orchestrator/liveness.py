@@ -31,6 +31,16 @@ MIN_SKEW_THRESHOLD_SECONDS = 5.0
 MAX_PAST_BOOT_IDS = 8
 
 State = Literal["online", "offline"]
+#: What is known of an agent: ``online`` (a sign of life within its window), ``stopped``
+#: (it announced a clean stop), ``lost`` (no sign of life past the window).
+Liveness = Literal["online", "stopped", "lost"]
+LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost")
+
+#: A worker whose Celery events stopped is gone after this many event intervals (Celery's
+#: and Flower's own rule: ``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s).
+EVENT_EXPIRY_INTERVALS = 2.0
+#: Added to the event window for delivery and scheduling delays, seconds.
+EVENT_SLACK_SECONDS = 0.5
 
 
 class Verdict(StrEnum):
@@ -126,11 +136,53 @@ def clock_skew(collected_at: float, received_at: float, interval_seconds: float)
     return skew if abs(skew) > skew_threshold(interval_seconds) else None
 
 
+@dataclass(frozen=True, slots=True)
+class SignsOfLife:
+    """The Celery worker events seen of an agent (receipt times, unix seconds).
+
+    ``last_event_at``: the newest ``worker-online`` or ``worker-heartbeat``;
+    ``event_interval_seconds``: the worker's event heartbeat interval (``freq``);
+    ``offline_at``: the newest ``worker-offline`` (a clean stop), if any.
+    """
+
+    worker_name: str
+    last_event_at: float
+    event_interval_seconds: float
+    offline_at: float | None = None
+
+    @property
+    def window_seconds(self) -> float:
+        """How long after the newest event the worker still counts as alive."""
+        return self.event_interval_seconds * EVENT_EXPIRY_INTERVALS + EVENT_SLACK_SECONDS
+
+
+def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfLife | None,
+                now: float) -> Liveness:
+    """What is known of an agent at ``now`` (unix seconds).
+
+    ``last_received_at``/``timeout_seconds``: its newest capacity heartbeat and its own
+    timeout; ``signs``: its Celery worker events, when the orchestrator has seen any.
+
+    - ``stopped``: a ``worker-offline`` came after every other event, and no capacity
+      heartbeat came well after it (a restart the event listener missed);
+    - while events flow (the newest event is no older than the newest heartbeat by more
+      than the event window), they decide: ``online`` within the window, else ``lost``
+      (seconds after a crash, a kill or a freeze, as in Flower);
+    - otherwise (no events: the listener is not running, or events are off) the capacity
+      heartbeat decides: ``online`` within ``timeout_seconds``, else ``lost``.
+    """
+    if signs is not None:
+        window = signs.window_seconds
+        offline = signs.offline_at
+        if offline is not None and offline >= signs.last_event_at \
+                and last_received_at <= offline + window:
+            return "stopped"
+        if signs.last_event_at + window >= last_received_at:
+            return "online" if now - signs.last_event_at <= window else "lost"
+    return "online" if is_online(last_received_at, timeout_seconds, now) else "lost"
+
+
 def is_online(last_received_at: float, timeout_seconds: float, now: float) -> bool:
     """Online while the newest heartbeat (receipt time) is younger than ``timeout_seconds``."""
     return now - last_received_at < timeout_seconds
 
-
-def state_of(last_received_at: float, timeout_seconds: float, now: float) -> State:
-    """``"online"`` or ``"offline"`` per :func:`is_online`."""
-    return "online" if is_online(last_received_at, timeout_seconds, now) else "offline"

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     Table,
     create_engine,
     delete,
@@ -43,7 +44,7 @@ from sqlalchemy.schema import CreateSchema
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import sql_schema
-from chiffon_worker.orchestrator.liveness import State, state_of
+from chiffon_worker.orchestrator.liveness import Liveness, SignsOfLife, State, liveness_of
 from chiffon_worker.snapshot import HISTORY_FIELDS, STORED_METRICS
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class AgentRecord:
     heartbeat_timeout_seconds: float
     metrics: Mapping[str, Any]
     snapshot: Mapping[str, Any] = field(default_factory=dict)
+    #: the agent's Celery worker events, once the orchestrator has seen any
+    signs: SignsOfLife | None = None
 
     def __getattr__(self, name: str) -> Any:
         """A stored metric by its snapshot key (only called for names not found above)."""
@@ -102,9 +105,15 @@ class AgentRecord:
         """A numeric stored metric as a float (in the snapshot's unit)."""
         return float(self.metrics[name])
 
+    def liveness(self, now: float) -> Liveness:
+        """``online``, ``stopped`` or ``lost`` at ``now`` (unix seconds); see
+        :func:`~chiffon_worker.orchestrator.liveness.liveness_of`."""
+        return liveness_of(self.last_seen, self.heartbeat_timeout_seconds, self.signs, now)
+
     def state(self, now: float) -> State:
-        """``online`` or ``offline`` at ``now`` (unix seconds), by the agent's own timeout."""
-        return state_of(self.last_seen, self.heartbeat_timeout_seconds, now)
+        """``online`` or ``offline`` at ``now``: the coarse form of :meth:`liveness` that
+        ``chiffon status --json`` has always carried in ``state``."""
+        return "online" if self.liveness(now) == "online" else "offline"
 
     def age_seconds(self, now: float) -> float:
         """Seconds since the newest heartbeat was received."""
@@ -323,11 +332,25 @@ class Registry:
             if history_rows:
                 self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
 
+    def write_signs(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Upsert signs of life (every column of ``chiffon_signs_of_life``, one row per agent)."""
+        if not rows:
+            return
+        with self._transaction("write") as conn:
+            self._upsert(conn, sql_schema.signs_of_life, ("agent_id",), rows)
+
+    def agent_ids(self) -> set[str]:
+        """The ids of every agent in the registry."""
+        with self._transaction("read") as conn:
+            return {row[0] for row in conn.execute(select(sql_schema.agents.c.agent_id))}
+
     def forget(self, agent_id: str) -> bool:
         """Remove an agent and its history; returns whether it was known."""
         with self._transaction("write") as conn:
             conn.execute(delete(sql_schema.history)
                          .where(sql_schema.history.c.agent_id == agent_id))
+            conn.execute(delete(sql_schema.signs_of_life)
+                         .where(sql_schema.signs_of_life.c.agent_id == agent_id))
             result = conn.execute(delete(sql_schema.agents)
                                   .where(sql_schema.agents.c.agent_id == agent_id))
         return bool(result.rowcount)
@@ -337,8 +360,8 @@ class Registry:
     def agents(self, pool: str | None = None, *, with_snapshot: bool = False
                ) -> list[AgentRecord]:
         """Every agent (of ``pool``), ordered by pool then agent id."""
-        columns = [c for c in sql_schema.agents.columns if with_snapshot or c.name != "snapshot"]
-        query = select(*columns).order_by(sql_schema.agents.c.pool, sql_schema.agents.c.agent_id)
+        query = _agents_query(with_snapshot).order_by(sql_schema.agents.c.pool,
+                                                     sql_schema.agents.c.agent_id)
         if pool is not None:
             query = query.where(sql_schema.agents.c.pool == pool)
         with self._transaction("read") as conn:
@@ -347,8 +370,7 @@ class Registry:
 
     def agent(self, agent_id: str, *, with_snapshot: bool = True) -> AgentRecord | None:
         """One agent, or None when unknown."""
-        columns = [c for c in sql_schema.agents.columns if with_snapshot or c.name != "snapshot"]
-        query = select(*columns).where(sql_schema.agents.c.agent_id == agent_id)
+        query = _agents_query(with_snapshot).where(sql_schema.agents.c.agent_id == agent_id)
         with self._transaction("read") as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else _record(row)
@@ -365,8 +387,22 @@ class Registry:
                 for row in rows]
 
 
+_SIGN_COLUMNS = ("worker_name", "last_event_at", "event_interval_seconds", "offline_at")
+
+
+def _agents_query(with_snapshot: bool) -> Select[Any]:
+    """Agent rows with their signs of life (outer join: an agent may have none yet)."""
+    agents, signs = sql_schema.agents, sql_schema.signs_of_life
+    columns = [c for c in agents.columns if with_snapshot or c.name != "snapshot"]
+    return select(*columns, *(signs.c[name] for name in _SIGN_COLUMNS)).select_from(
+        agents.outerjoin(signs, signs.c.agent_id == agents.c.agent_id))
+
+
 def _record(row: RowMapping) -> AgentRecord:
     values = dict(row)
+    sign = {name: values.pop(name) for name in _SIGN_COLUMNS}
+    if sign["last_event_at"] is not None:
+        values["signs"] = SignsOfLife(**sign)
     values["past_boot_ids"] = tuple(json.loads(values["past_boot_ids"]))
     snapshot = values.pop("snapshot", None)
     values["snapshot"] = json.loads(snapshot) if snapshot else {}

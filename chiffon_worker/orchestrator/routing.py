@@ -108,7 +108,7 @@ def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
     moment = time.time() if now is None else now
     where = f" in pool {pool}" if pool else ""
     known = [r for r in records if pool is None or r.pool == pool]
-    online = [r for r in known if r.state(moment) == "online"]
+    online = [r for r in known if r.liveness(moment) == "online"]
     if not online:
         detail = f" ({len(known)} known, all offline)" if known else ""
         raise RoutingError(f"no online agent{where}{detail}")

@@ -1,4 +1,4 @@
-"""``chiffon orchestrator``: consumer + registry + liveness + ``/metrics`` in one process.
+"""``chiffon orchestrator``: consumer + registry + worker events + ``/metrics`` in one process.
 
 The consumer runs in the calling thread; the metrics server in a daemon thread.
 SIGTERM and SIGINT ask the consumer to stop: it commits and acks what it holds, closes
@@ -19,6 +19,7 @@ from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
 from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.orchestrator.worker_events import WorkerEventListener
 from chiffon_worker.wire import HEARTBEAT_QUEUE
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class Orchestrator:
         self.registry: Registry | None = None
         self.consumer: HeartbeatConsumer | None = None
         self.metrics: MetricsServer | None = None
+        self.events: WorkerEventListener | None = None
+        self._events_thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -46,6 +49,8 @@ class Orchestrator:
         self._stop.set()
         if self.consumer is not None:
             self.consumer.stop()
+        if self.events is not None:
+            self.events.stop()
 
     def run(self) -> None:
         """Open the registry, serve metrics, consume until stopped; always cleans up."""
@@ -74,12 +79,21 @@ class Orchestrator:
                      "required" if self.config.heartbeat_secret else "not required")
             if self._stop.is_set():
                 return
+            self.events = WorkerEventListener(self.config.effective_broker_url, self.registry)
+            self._events_thread = threading.Thread(target=self.events.run, daemon=True,
+                                                   name="chiffon-worker-events")
+            self._events_thread.start()
             self.consumer.run()
         finally:
             self.close()
 
     def close(self) -> None:
-        """Stop the metrics server and release the registry."""
+        """Stop the event listener and the metrics server; release the registry."""
+        if self.events is not None:
+            self.events.stop()
+        if self._events_thread is not None:
+            self._events_thread.join(timeout=5.0)
+            self._events_thread = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

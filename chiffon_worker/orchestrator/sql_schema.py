@@ -96,6 +96,19 @@ history = Table(
     postgresql_with={"fillfactor": 80},  # ring slots are rewritten in place (HOT)
 )
 
+#: Signs of life from Celery's worker events, one row per agent (see ``liveness``). Its own
+#: table: written every second by the event listener, apart from the capacity rows, and
+#: created in an existing registry by ``create_all`` (additive: no schema version bump).
+signs_of_life = Table(
+    "chiffon_signs_of_life", metadata,
+    Column("agent_id", agents.c.agent_id.type, primary_key=True),
+    Column("worker_name", agents.c.agent_id.type, nullable=False),
+    Column("last_event_at", Float, nullable=False),
+    Column("event_interval_seconds", Float, nullable=False),
+    Column("offline_at", Float, nullable=True),
+    postgresql_with={"fillfactor": 50},
+)
+
 #: Columns of ``agents`` copied straight from a snapshot's keys (``agent_id`` first).
 SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS)
 #: Columns of ``history`` holding metrics (besides agent_id, slot, received_at).

@@ -149,7 +149,7 @@ def test_status_prints_a_table_and_filters_by_pool(
                               "MEM", "GiB", "GPU", "VRAM", "GiB"]
     assert desk.split()[:4] == ["desk-1", "host-desk-1", "desktop_pool_1", "online"]
     assert "20.5/24.0" in desk and "4.1/8" in desk and "3.90" in desk
-    assert rig.split()[:4] == ["rig-1", "host-rig-1", "gpu_rigs", "offline"]
+    assert rig.split()[:4] == ["rig-1", "host-rig-1", "gpu_rigs", "lost"]
     assert "1 of 2 agents online" in out
     assert main(["status", "--json", "--pool", "gpu_rigs"]) == 0
     assert [a["agent_id"] for a in json.loads(capsys.readouterr().out)] == ["rig-1"]

@@ -70,6 +70,17 @@ def test_metrics_over_http_parse_and_carry_per_agent_gauges_in_base_units(
     assert samples["chiffon_registry_up"] == {(): 1.0}
 
 
+def test_each_agent_has_exactly_one_liveness_state_set(
+        served: tuple[MetricsServer, Feeder]) -> None:
+    server, _ = served
+    states = scrape(server.port)["chiffon_agent_liveness"]
+    shown = {(dict(labels)["agent_id"], dict(labels)["state"]): value
+             for labels, value in states.items()}
+    assert shown == {("gpu-box", "online"): 1.0, ("gpu-box", "stopped"): 0.0,
+                     ("gpu-box", "lost"): 0.0, ("old-box", "online"): 0.0,
+                     ("old-box", "stopped"): 0.0, ("old-box", "lost"): 1.0}
+
+
 def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Feeder]) -> None:
     server, feeder = served
     samples = scrape(server.port)

@@ -7,13 +7,14 @@ import pytest
 from chiffon_worker.orchestrator.liveness import (
     MAX_PAST_BOOT_IDS,
     SeqState,
+    SignsOfLife,
     Verdict,
     advance,
     clock_skew,
     is_online,
+    liveness_of,
     sequence,
     skew_threshold,
-    state_of,
 )
 
 T0 = 1_764_000_000.0
@@ -75,7 +76,7 @@ def test_advance_within_a_boot_keeps_the_past_and_takes_the_new_seq() -> None:
 def test_an_agent_is_online_while_its_newest_heartbeat_is_younger_than_its_timeout(
         last: float, timeout: float, now: float, online: bool) -> None:
     assert is_online(last, timeout, now) is online
-    assert state_of(last, timeout, now) == ("online" if online else "offline")
+    assert liveness_of(last, timeout, None, now) == ("online" if online else "lost")
 
 
 @pytest.mark.parametrize(("collected", "received", "interval", "flagged"), [
@@ -90,3 +91,42 @@ def test_clock_skew_is_flagged_beyond_max_of_five_seconds_and_the_interval(
         collected: float, received: float, interval: float, flagged: float | None) -> None:
     assert clock_skew(collected, received, interval) == flagged
     assert skew_threshold(interval) == max(5.0, interval)
+
+
+# -- liveness: online, stopped, lost from capacity heartbeats and worker events -----------
+
+
+TIMEOUT = 90.0  # the default capacity timeout
+EVENTS = 2.0  # Celery's worker-heartbeat interval
+
+
+def _signs(last_event_at: float, offline_at: float | None = None) -> SignsOfLife:
+    return SignsOfLife("agent@host", last_event_at, EVENTS, offline_at)
+
+
+@pytest.mark.parametrize(("last_seen", "signs", "now", "expected"), [
+    pytest.param(T0, None, T0 + 89, "online", id="no events: capacity heartbeat within timeout"),
+    pytest.param(T0, None, T0 + 90, "lost", id="no events: capacity heartbeat timed out"),
+    pytest.param(T0, _signs(T0 + 20), T0 + 24, "online", id="events within their window"),
+    pytest.param(T0, _signs(T0 + 20), T0 + 25.5, "lost",
+                 id="events stopped past 2 intervals + slack, capacity still fresh"),
+    pytest.param(T0, _signs(T0 + 20, offline_at=T0 + 21), T0 + 21.1, "stopped",
+                 id="worker-offline after the last event"),
+    pytest.param(T0, _signs(T0 + 20, offline_at=T0 + 21), T0 + 3600, "stopped",
+                 id="stopped stays stopped"),
+    pytest.param(T0, _signs(T0 + 30, offline_at=T0 + 21), T0 + 31, "online",
+                 id="restarted: an event after the stop"),
+    pytest.param(T0 + 60, _signs(T0 + 20, offline_at=T0 + 21), T0 + 61, "online",
+                 id="restart the listener missed: a capacity heartbeat long after the stop"),
+    pytest.param(T0 + 60, _signs(T0 + 20), T0 + 61, "online",
+                 id="events dried up long before the newest heartbeat: capacity decides"),
+    pytest.param(T0 + 60, _signs(T0 + 20), T0 + 150, "lost",
+                 id="events dried up, capacity heartbeat timed out too"),
+])
+def test_liveness_from_capacity_heartbeats_and_worker_events(
+        last_seen: float, signs: SignsOfLife | None, now: float, expected: str) -> None:
+    assert liveness_of(last_seen, TIMEOUT, signs, now) == expected
+
+
+def test_the_event_window_is_two_intervals_plus_slack() -> None:
+    assert _signs(T0).window_seconds == 2 * EVENTS + 0.5

@@ -181,3 +181,25 @@ def test_a_submitter_can_wait_for_the_work_result_through_the_rpc_backend(
         with pytest.raises(ChiffonError, match=r"no result for work .* within 0\.3 s"):
             router.submit(WorkRequest("w-x", "echo"), pool=nobody).wait(timeout=0.3)
     worker_app.close()
+
+
+def test_an_agent_whose_worker_events_stopped_is_never_chosen(three_agents: Registry) -> None:
+    # "big" sent a capacity heartbeat at NOW and worker events until NOW + 2, then went
+    # silent (killed): 6 s later its capacity heartbeat is fresh, but it is lost
+    three_agents.write_signs([{"agent_id": "big", "worker_name": "big@host",
+                               "last_event_at": NOW + 2, "event_interval_seconds": 2.0,
+                               "offline_at": None}])
+    agent = pick_agent(three_agents.agents(), {"gpu_vram_gb": 4}, pool="desktop_pool_1",
+                       now=NOW + 8)
+    assert agent.agent_id == "mid"
+
+
+def test_a_stopped_agent_is_never_chosen(three_agents: Registry) -> None:
+    three_agents.write_signs([{"agent_id": "big", "worker_name": "big@host",
+                               "last_event_at": NOW - 1, "event_interval_seconds": 2.0,
+                               "offline_at": NOW}])
+    records = {r.agent_id: r for r in three_agents.agents()}
+    assert records["big"].liveness(NOW + 1) == "stopped"
+    agent = pick_agent(three_agents.agents(), {"gpu_vram_gb": 4}, pool="desktop_pool_1",
+                       now=NOW + 1)
+    assert agent.agent_id == "mid"

@@ -1,0 +1,165 @@
+"""Signs of life from Celery's worker events: an agent's death in seconds, not minutes.
+
+Every agent's worker sends Celery events (``worker_send_task_events`` is on, for Flower):
+``worker-online`` at start, ``worker-heartbeat`` every 2 s, and ``worker-offline`` on a
+clean stop. :class:`WorkerEventListener` reads them the way Flower does, from a private
+auto-delete queue bound to the ``celeryev`` topic exchange with ``worker.#``, keeps the
+newest per agent in memory and writes them to the registry's ``chiffon_signs_of_life``
+once per ``flush_seconds``; :func:`~.liveness.liveness_of` turns them into ``online``,
+``stopped`` and ``lost``. Times stored are receipt times (the orchestrator's clock).
+
+A worker named ``<agent_id>@<host>`` (the agent's default name) is matched to the agent
+``agent_id``; events of workers that are not agents in the registry are ignored. The
+broker traffic this reads is what every agent already sends for Flower: one event of
+about 0.6 KiB every 2 s per agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer
+
+from chiffon_worker.config import mask_url
+from chiffon_worker.errors import RegistryError
+from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.wire import WORKER_EVENTS_EXCHANGE, WORKER_EVENTS_ROUTING_KEY
+
+log = logging.getLogger(__name__)
+
+#: Event types that show a worker alive, and the one that says it stopped cleanly.
+ALIVE_EVENTS = frozenset({"worker-online", "worker-heartbeat"})
+OFFLINE_EVENT = "worker-offline"
+#: Celery's default event heartbeat interval, for events that do not say (seconds).
+DEFAULT_EVENT_INTERVAL_SECONDS = 2.0
+#: How often the set of known agent ids is read again from the registry (seconds).
+KNOWN_REFRESH_SECONDS = 5.0
+_CONNECT_TIMEOUT_SECONDS = 5
+
+
+def agent_id_of(worker_name: str) -> str:
+    """The agent id in a worker name ``<agent_id>@<host>`` (agent ids hold no ``@``)."""
+    return worker_name.partition("@")[0]
+
+
+class WorkerEventListener:
+    """Follows worker events on ``broker_url`` into ``registry`` until :meth:`stop`.
+
+    ``flush_seconds``: how often signs are written (and how long an idle read waits);
+    ``clock``: receipt times (unix seconds); tests pass their own.
+    """
+
+    def __init__(self, broker_url: str, registry: Registry, *, flush_seconds: float = 0.5,
+                 reconnect_max_seconds: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.broker_url = broker_url
+        self.registry = registry
+        self.flush_seconds = flush_seconds
+        self.reconnect_max_seconds = reconnect_max_seconds
+        self.clock = clock
+        #: set while consuming events
+        self.ready = threading.Event()
+        self.events_seen = 0
+        self._stop = threading.Event()
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._newest: dict[str, dict[str, Any]] = {}
+        self._known: set[str] = set()
+        self._known_at = float("-inf")
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (any thread)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Consume events until stopped, reconnecting with back-off after broker loss."""
+        delay = 1.0
+        while not self._stop.is_set():
+            conn = Connection(self.broker_url, connect_timeout=_CONNECT_TIMEOUT_SECONDS)
+            recoverable = (*conn.connection_errors, *conn.channel_errors, OSError)
+            try:
+                conn.connect()
+                delay = 1.0
+                self._consume(conn)
+            except recoverable as exc:
+                log.warning("worker events on %s: %s; reconnecting in %.0f s",
+                            mask_url(self.broker_url), str(exc)[:200] or type(exc).__name__,
+                            delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.reconnect_max_seconds)
+            finally:
+                self.ready.clear()
+                try:
+                    conn.release()
+                except (OSError, *conn.connection_errors) as exc:
+                    log.debug("closing the events connection: %s", exc)
+        self.flush()
+
+    def _consume(self, conn: Connection) -> None:
+        exchange = Exchange(WORKER_EVENTS_EXCHANGE, type="topic")  # as Celery declares it
+        queue = Queue(f"chiffon.orchestrator.events.{id(self):x}.{int(time.time())}", exchange,
+                      routing_key=WORKER_EVENTS_ROUTING_KEY, auto_delete=True, durable=False,
+                      exclusive=True, message_ttl=10.0)
+        consumer = Consumer(conn.channel(), queues=[queue], callbacks=[self.record_event],
+                            accept=["json"], no_ack=True)
+        consumer.consume()
+        log.info("following worker events on %s", mask_url(self.broker_url))
+        self.ready.set()
+        last_write = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                conn.drain_events(timeout=self.flush_seconds)
+            except TimeoutError:
+                conn.heartbeat_check()
+            if time.monotonic() - last_write >= self.flush_seconds:
+                self.flush()
+                last_write = time.monotonic()
+
+    def record_event(self, body: Any, _message: Any = None) -> None:
+        """Note one event (a decoded Celery event body); invalid ones are ignored."""
+        if not isinstance(body, dict):
+            return
+        kind, name = body.get("type"), body.get("hostname")
+        if not isinstance(kind, str) or not isinstance(name, str) or "@" not in name:
+            return
+        self.events_seen += 1
+        now = self.clock()
+        agent_id = agent_id_of(name)
+        freq = body.get("freq")
+        interval = float(freq) if isinstance(freq, int | float) and not isinstance(
+            freq, bool) and 0 < freq <= 3600 else DEFAULT_EVENT_INTERVAL_SECONDS
+        row = dict(self._newest.get(agent_id) or {
+            "agent_id": agent_id, "worker_name": name, "last_event_at": now,
+            "event_interval_seconds": interval, "offline_at": None})
+        row["worker_name"] = name
+        if kind in ALIVE_EVENTS:
+            row["last_event_at"] = now
+            row["event_interval_seconds"] = interval
+        elif kind == OFFLINE_EVENT:
+            row["offline_at"] = now
+        else:
+            return
+        self._newest[agent_id] = row
+        self._pending[agent_id] = row
+
+    def flush(self) -> None:
+        """Write the signs that changed since the last write, for agents in the registry."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        try:
+            age = time.monotonic() - self._known_at
+            if age >= KNOWN_REFRESH_SECONDS or (
+                    age >= self.flush_seconds and not set(pending) <= self._known):
+                self._known = self.registry.agent_ids()
+                self._known_at = time.monotonic()
+            self.registry.write_signs([row for agent_id, row in pending.items()
+                                       if agent_id in self._known])
+        except RegistryError as exc:
+            log.error("%s (signs of life kept for the next write)", exc)
+            self._pending = {**pending, **self._pending}

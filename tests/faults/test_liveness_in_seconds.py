@@ -1,0 +1,157 @@
+"""Liveness in seconds: a real ``chiffon orchestrator`` and real agents, at default settings
+(a capacity heartbeat every 30 s, 90 s timeout), on a private vhost of the machine's
+RabbitMQ. A clean stop shows ``stopped`` within 1 s of the process exiting; a kill or a
+freeze shows ``lost`` within 10 s; a thawed agent is ``online`` again; ``chiffon status``
+says the same as the registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from chiffon_worker.orchestrator.registry import Registry
+from tests.conftest import missing_service
+from tests.faults.test_consumer_down import CHIFFON, rabbitmqctl, start_orchestrator
+from tests.integration.helpers import (
+    READY_TIMEOUT_S,
+    Agent,
+    agent_environment,
+    start_agent,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEFAULT_INTERVAL_S = 30.0
+DEFAULT_TIMEOUT_S = 90.0
+STOPPED_WITHIN_S = 1.0
+LOST_WITHIN_S = 10.0
+
+
+@dataclass
+class Fleet:
+    """A private vhost with one orchestrator; agents are started per test."""
+
+    url: str
+    env: dict[str, str]
+    registry: Registry
+    tmp: Path
+
+    def start(self) -> Agent:
+        agent = start_agent(self.tmp, self.url, interval=DEFAULT_INTERVAL_S, extra_env={
+            "CHIFFON_HEARTBEAT_TIMEOUT_SECONDS": f"{DEFAULT_TIMEOUT_S:g}"})
+        agent.wait_ready()
+        self.wait_for(agent, lambda liveness, record: liveness == "online"
+                      and record.signs is not None, READY_TIMEOUT_S, "online with events")
+        return agent
+
+    def liveness(self, agent: Agent) -> tuple[str | None, object]:
+        record = self.registry.agent(agent.agent_id, with_snapshot=False)
+        return (None if record is None else record.liveness(time.time())), record
+
+    def wait_for(self, agent: Agent, condition: Callable[[str | None, object], bool],
+                 timeout: float, what: str) -> float:
+        """Poll the registry until ``condition(liveness, record)``; returns when (time.time())."""
+        deadline = time.monotonic() + timeout
+        while True:
+            liveness, record = self.liveness(agent)
+            if liveness is not None and condition(liveness, record):
+                return time.time()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{agent.agent_id} not {what} after {timeout:g} s "
+                                     f"(liveness {liveness})")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    if shutil.which("rabbitmqctl") is None:
+        missing_service("rabbitmqctl not on PATH (needed for a private vhost)")
+    vhost = f"chiffon_t_{uuid.uuid4().hex[:12]}"
+    added = rabbitmqctl("add_vhost", vhost)
+    if added.returncode != 0:
+        missing_service(f"cannot add a RabbitMQ vhost: {added.stderr.strip()}")
+    tmp = tmp_path_factory.mktemp("liveness")
+    orchestrator = None
+    try:
+        granted = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        assert granted.returncode == 0, granted.stderr
+        url = urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
+        state = tmp / "orchestrator-state"
+        env = agent_environment(tmp / "orchestrator-home", {
+            "CHIFFON_BROKER_URL": url, "CHIFFON_STATE_DIR": str(state),
+            "CHIFFON_LOG_LEVEL": "INFO"})
+        orchestrator = start_orchestrator(env, tmp / "orchestrator.log")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "following worker events on" not in orchestrator.log():
+            assert orchestrator.popen.poll() is None, orchestrator.log()
+            assert time.monotonic() < deadline, orchestrator.log()
+            time.sleep(0.05)
+        registry = Registry(f"sqlite:///{state / 'registry.sqlite3'}")
+        try:
+            yield Fleet(url, env, registry, tmp)
+        finally:
+            registry.close()
+    finally:
+        if orchestrator is not None:
+            orchestrator.stop()
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def test_a_clean_stop_shows_stopped_within_a_second_of_the_exit(fleet: Fleet) -> None:
+    agent = fleet.start()
+    agent.popen.send_signal(signal.SIGTERM)
+    agent.popen.wait(30)
+    exited = time.time()
+    shown = fleet.wait_for(agent, lambda liveness, _: liveness == "stopped",
+                           STOPPED_WITHIN_S + 5, "stopped")
+    assert shown - exited <= STOPPED_WITHIN_S, f"stopped after {shown - exited:.2f} s"
+
+
+def test_a_killed_agent_is_lost_within_ten_seconds(fleet: Fleet) -> None:
+    agent = fleet.start()
+    agent.kill()
+    killed = time.time()
+    shown = fleet.wait_for(agent, lambda liveness, _: liveness == "lost", LOST_WITHIN_S + 10,
+                           "lost")
+    assert shown - killed <= LOST_WITHIN_S, f"lost after {shown - killed:.2f} s"
+
+
+def test_a_frozen_agent_is_lost_within_ten_seconds_and_online_again_when_it_thaws(
+        fleet: Fleet) -> None:
+    agent = fleet.start()
+    try:
+        agent.popen.send_signal(signal.SIGSTOP)
+        frozen = time.time()
+        shown = fleet.wait_for(agent, lambda liveness, _: liveness == "lost",
+                               LOST_WITHIN_S + 10, "lost")
+        assert shown - frozen <= LOST_WITHIN_S, f"lost after {shown - frozen:.2f} s"
+        agent.popen.send_signal(signal.SIGCONT)
+        fleet.wait_for(agent, lambda liveness, _: liveness == "online", 15, "online again")
+    finally:
+        agent.popen.send_signal(signal.SIGCONT)
+        agent.stop()
+
+
+def test_chiffon_status_shows_the_same_liveness_as_the_registry(fleet: Fleet) -> None:
+    agent = fleet.start()
+    agent.kill()
+    fleet.wait_for(agent, lambda liveness, _: liveness == "lost", LOST_WITHIN_S + 10, "lost")
+    shown = subprocess.run([str(CHIFFON), "status", "--json"], env=fleet.env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    entry = {e["agent_id"]: e for e in json.loads(shown.stdout)}[agent.agent_id]
+    assert (entry["liveness"], entry["state"]) == ("lost", "offline")
+    table = subprocess.run([str(CHIFFON), "status"], env=fleet.env, capture_output=True,
+                           text=True, timeout=60, check=False)
+    row = next(line for line in table.stdout.splitlines() if line.startswith(agent.agent_id))
+    assert " lost " in row
