@@ -41,11 +41,12 @@ class BatchWriter:
         self.stats = stats if stats is not None else IngestStats()
         self._agents: dict[str, dict[str, Any]] = {}
         self._history: dict[tuple[str, int], dict[str, Any]] = {}
+        self._uncommitted = 0  # agent rows of the batch taken and not yet committed
 
     @property
     def pending(self) -> int:
-        """Agent rows collected and not yet taken."""
-        return len(self._agents)
+        """Agent rows collected or taken and not yet committed."""
+        return len(self._agents) + self._uncommitted
 
     def add(self, rows: Rows) -> None:
         """Collect one accepted heartbeat's rows (superseding older ones of its agent)."""
@@ -67,6 +68,7 @@ class BatchWriter:
                 row["snapshot"] = json.dumps(snapshot, separators=(",", ":"))
             agent_rows.append(row)
         batch = Batch(agent_rows, list(self._history.values()))
+        self._uncommitted = len(agent_rows)
         self._agents = {}
         self._history = {}
         return batch
@@ -81,3 +83,4 @@ class BatchWriter:
             raise
         self.stats.write_seconds += time.perf_counter() - started
         self.stats.batches += 1
+        self._uncommitted = 0

@@ -210,6 +210,8 @@ def test_the_writer_keeps_only_the_newest_rows_of_an_agent_until_taken(
     assert [row["seq"] for row in batch.agent_rows] == [2]
     assert [json.loads(row["snapshot"])["seq"] for row in batch.agent_rows] == [2]
     assert len(batch.history_rows) == 1
+    assert writer.pending == 1, "taken but not yet committed"
+    writer.write(batch)
     assert (writer.pending, writer.take_batch()) == (0, None)
 
 
