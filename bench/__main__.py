@@ -1,7 +1,7 @@
 """Run every benchmark and print each measure against its target.
 
     python -m bench                 # everything, full length (the soak alone is ~11 min)
-    python -m bench --quick         # shorter runs of each (about 3 min in all)
+    python -m bench --quick         # shorter runs of each (about 4 min in all)
     python -m bench --only snapshot,ingest
     python -m bench --report        # just the table, from the JSON already in bench/results
 
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "heartbeat": ([], ["--quick"]),
     "ingest": (["--repeat", "3"], ["--messages", "20000"]),
     "soak": ([], ["--quick"]),
+    "liveness": ([], ["--quick"]),
 }
 
 
@@ -64,6 +65,18 @@ def _default_footprint(data: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("default footprint")
 
 
+def _liveness(signal: str, key: str) -> Callable[[dict[str, Any]], float]:
+    """A median of bench/results/liveness.json (chiffon's seconds, or the ratio to Flower)."""
+    def read(data: dict[str, Any]) -> float:
+        row = data["results"][signal]
+        value = row["ratio_of_medians"] if key == "ratio" else row[key]["median"]
+        if value is None:
+            raise KeyError(f"{signal} {key}")
+        return float(value)
+
+    return read
+
+
 MEASURES = [
     Measure("snapshot", "snapshot p50, no GPU", "us", "<= 150",
             lambda d: d["results"]["agent_no_gpu"]["p50_us"], lambda v: v <= 150),
@@ -87,6 +100,16 @@ MEASURES = [
             lambda d: d["worst_rss_growth_mib"], lambda v: v <= 8),
     Measure("soak", "max fd growth per process", "", "<= 0",
             lambda d: d["worst_fd_growth"], lambda v: v <= 0),
+    Measure("liveness", "SIGTERM -> chiffon stopped (median)", "s", "<= 1",
+            _liveness("SIGTERM", "chiffon_seconds"), lambda v: v <= 1),
+    Measure("liveness", "SIGKILL -> chiffon lost (median)", "s", "<= 10",
+            _liveness("SIGKILL", "chiffon_seconds"), lambda v: v <= 10),
+    Measure("liveness", "SIGSTOP -> chiffon lost (median)", "s", "<= 10",
+            _liveness("SIGSTOP", "chiffon_seconds"), lambda v: v <= 10),
+    Measure("liveness", "SIGKILL chiffon/Flower (medians)", "x", "<= 1.05",
+            _liveness("SIGKILL", "ratio"), lambda v: v <= 1.05),
+    Measure("liveness", "SIGSTOP chiffon/Flower (medians)", "x", "<= 1.05",
+            _liveness("SIGSTOP", "ratio"), lambda v: v <= 1.05),
 ]
 
 

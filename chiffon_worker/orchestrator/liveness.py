@@ -36,11 +36,10 @@ State = Literal["online", "offline"]
 Liveness = Literal["online", "stopped", "lost"]
 LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost")
 
-#: A worker whose Celery events stopped is gone after this many event intervals (Celery's
-#: and Flower's own rule: ``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s).
+#: A worker whose Celery events stopped is gone after this many event intervals: Celery's
+#: and Flower's own rule (``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s),
+#: on receipt times as Flower does, so chiffon never says ``lost`` later than Flower.
 EVENT_EXPIRY_INTERVALS = 2.0
-#: Added to the event window for delivery and scheduling delays, seconds.
-EVENT_SLACK_SECONDS = 0.5
 
 
 class Verdict(StrEnum):
@@ -153,7 +152,7 @@ class SignsOfLife:
     @property
     def window_seconds(self) -> float:
         """How long after the newest event the worker still counts as alive."""
-        return self.event_interval_seconds * EVENT_EXPIRY_INTERVALS + EVENT_SLACK_SECONDS
+        return self.event_interval_seconds * EVENT_EXPIRY_INTERVALS
 
 
 def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfLife | None,

@@ -109,7 +109,7 @@ def _signs(last_event_at: float, offline_at: float | None = None) -> SignsOfLife
     pytest.param(T0, None, T0 + 90, "lost", id="no events: capacity heartbeat timed out"),
     pytest.param(T0, _signs(T0 + 20), T0 + 24, "online", id="events within their window"),
     pytest.param(T0, _signs(T0 + 20), T0 + 25.5, "lost",
-                 id="events stopped past 2 intervals + slack, capacity still fresh"),
+                 id="events stopped past 2 intervals, capacity still fresh"),
     pytest.param(T0, _signs(T0 + 20, offline_at=T0 + 21), T0 + 21.1, "stopped",
                  id="worker-offline after the last event"),
     pytest.param(T0, _signs(T0 + 20, offline_at=T0 + 21), T0 + 3600, "stopped",
@@ -128,5 +128,5 @@ def test_liveness_from_capacity_heartbeats_and_worker_events(
     assert liveness_of(last_seen, TIMEOUT, signs, now) == expected
 
 
-def test_the_event_window_is_two_intervals_plus_slack() -> None:
-    assert _signs(T0).window_seconds == 2 * EVENTS + 0.5
+def test_the_event_window_is_two_event_intervals_as_in_flower() -> None:
+    assert _signs(T0).window_seconds == 2 * EVENTS
