@@ -5,7 +5,8 @@
 - Reconnecting backs off 1, 2, 3 ... seconds capped at ``RECONNECT_MAX_SECONDS`` (Celery's
   grows to 30 s, so work resumed up to 30 s after heartbeats did).
 - A broker that refuses the login is a configuration problem, not an outage: one line and
-  exit status 2, as for a bad config file.
+  exit status 2, as for a bad config file. So is a second agent with the same name (agent id
+  and host) as a running one: RabbitMQ locks the first one's remote-control queue.
 - A task message with a broken envelope is logged and dropped, never requeued (Celery lets
   the parse error escape: "Unrecoverable error", and the requeued message kills the next
   start too).
@@ -18,7 +19,7 @@ import functools
 import logging
 from typing import Any
 
-from amqp.exceptions import AccessRefused
+from amqp.exceptions import AccessRefused, ResourceLocked
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from chiffon_worker.config import mask_url
@@ -71,6 +72,19 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
                  **kwargs: Any) -> None:
         options = dict(worker_options or {}, without_mingle=True, without_gossip=True)
         super().__init__(*args, worker_options=options, **kwargs)
+
+    def start(self) -> Any:
+        """Celery's start; a worker of the same name already running ends this one with one
+        line and exit status 2 (the shipped unit does not restart it)."""
+        try:
+            return super().start()
+        except ResourceLocked as exc:
+            # the exclusive remote-control queue <name>.celery.pidbox is held by a live
+            # worker of the same name: the same agent_id already runs on this host
+            log.error("another agent already runs as %s on this broker (%s); give this one "
+                      "its own agent_id (agent.yml or CHIFFON_AGENT_ID) or stop the other",
+                      self.hostname, (exc.reply_text or str(exc)).split(". ")[0])
+            raise SystemExit(EXIT_CONFIG) from None
 
     def ensure_connected(self, conn: Any) -> Any:
         """Reconnect with back-off 1, 2, 3 ... capped at ``RECONNECT_MAX_SECONDS``."""
