@@ -320,8 +320,7 @@ def _judge_step() -> tuple[Callable[[bytes, dict[str, Any], float], Any], Callab
     def judge_one(body: bytes, headers: dict[str, Any], now: float) -> Any:
         outcome = judge.judge_message(body, headers, "application/json", "utf-8",
                                       received_at=now)
-        if outcome.rows is not None:
-            writer.add(outcome.rows)
+        writer.keep(outcome)
         return outcome
 
     return judge_one, lambda: judge.stats.accepted

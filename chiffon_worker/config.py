@@ -87,6 +87,8 @@ USER_CONFIG_RELATIVE = Path(".chiffon") / "agent.yml"
 ENV_NOT_SETTINGS = frozenset({"CHIFFON_CONFIG", "CHIFFON_BOOT_ID"})
 #: A machine's ID namespace for ``uuid5`` (changing it changes every derived agent_id).
 _AGENT_ID_NAMESPACE = uuid.UUID("5b0e6f2e-4b8e-4d53-9c43-2f1c6a0f9a51")
+#: ``Config.sources["agent_id"]`` of a derived id.
+DERIVED_AGENT_ID_SOURCE = "derived from machine-id and hostname"
 _BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss", "memory")
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 _POOLS = ("solo", "threads", "prefork")
@@ -178,7 +180,7 @@ class Config:
     #: this machine's host name, for display (not a setting)
     hostname: str = field(default="")
     #: key -> where its value came from: "default", a file path, "environment CHIFFON_X",
-    #: "argument", "derived from machine-id" (agent_id), "system" (hostname)
+    #: "argument", "derived from machine-id and hostname" (agent_id), "system" (hostname)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: the config files that were found and loaded, lowest precedence first
     files_loaded: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -213,11 +215,11 @@ class Config:
         if not values["state_dir"]:
             values["state_dir"] = default_state_dir()
         values["state_dir"] = str(Path(values["state_dir"]).expanduser())
-        if not values["agent_id"]:
-            values["agent_id"] = _machine_agent_id(Path(values["state_dir"]))
-            sources["agent_id"] = "derived from machine-id"
         values["hostname"] = socket.gethostname()
         sources["hostname"] = "system"
+        if not values["agent_id"]:
+            values["agent_id"] = _machine_agent_id(Path(values["state_dir"]), values["hostname"])
+            sources["agent_id"] = DERIVED_AGENT_ID_SOURCE
         for name, value in values.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, "sources", dict(sources))
@@ -483,11 +485,23 @@ def _check_timeout_covers_interval(values: Mapping[str, Any],
         )
 
 
-def _machine_agent_id(state_dir: Path) -> str:
+def derive_agent_id(machine_id: str, hostname: str) -> str:
+    """The agent id of a machine: a UUID from its machine id *and* its hostname.
+
+    Cloned machines (VM templates, disk images) share ``/etc/machine-id``; with the
+    hostname in the derivation, clones with different hostnames get different ids (clones
+    that share both stay identical: the orchestrator reports them as a conflict, and a
+    second agent of one name on one host stops at start).
+    """
+    return str(uuid.uuid5(_AGENT_ID_NAMESPACE, f"{machine_id}\n{hostname}"))
+
+
+def _machine_agent_id(state_dir: Path, hostname: str) -> str:
     """A UUID stable across restarts of this machine and different between machines.
 
-    Derived from ``/etc/machine-id`` (systemd) or ``/var/lib/dbus/machine-id``; on a
-    machine with neither, a random UUID is kept in ``state_dir/agent-id``.
+    Derived from ``/etc/machine-id`` (systemd) or ``/var/lib/dbus/machine-id`` and the
+    hostname (:func:`derive_agent_id`); on a machine with neither file, a random UUID is
+    kept in ``state_dir/agent-id``.
     """
     for candidate in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
         try:
@@ -495,7 +509,7 @@ def _machine_agent_id(state_dir: Path) -> str:
         except (OSError, UnicodeDecodeError):
             continue
         if machine_id:
-            return str(uuid.uuid5(_AGENT_ID_NAMESPACE, machine_id))
+            return derive_agent_id(machine_id, hostname)
     id_file = state_dir / "agent-id"
     try:
         return str(uuid.UUID(id_file.read_text(encoding="ascii").strip()))

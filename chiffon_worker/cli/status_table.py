@@ -61,7 +61,10 @@ TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
 
 def status_row(record: AgentRecord, now: float) -> list[str]:
     """One table row (see ``TABLE_HEADERS``)."""
-    return [record.agent_id, record.hostname, record.pool, record.liveness(now),
+    state: str = record.liveness(now)
+    if state == "conflict" and record.conflict is not None:
+        state = f"conflict (also {record.conflict.hostname})"
+    return [record.agent_id, record.hostname, record.pool, state,
             format_age(record.age_seconds(now)),
             *(column.cell(record) for column in METRIC_COLUMNS)]
 

@@ -14,9 +14,10 @@ def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
     """One agent for ``chiffon status --json``: registry fields, then its newest snapshot's
     keys (times in unix seconds, ``age_seconds`` since the newest heartbeat was received).
 
-    ``liveness`` is ``online``, ``stopped`` or ``lost``; ``state`` its coarse form,
-    ``online`` or ``offline``, as always; ``last_event_at`` the receipt time of the newest
-    Celery worker event (null until one was seen)."""
+    ``liveness`` is ``online``, ``stopped``, ``lost`` or ``conflict``; ``state`` its coarse
+    form, ``online`` (alive) or ``offline``, as always; ``last_event_at`` the receipt time of
+    the newest Celery worker event (null until one was seen); ``conflict`` the newest
+    heartbeat of a second process claiming the id (null if none ever did)."""
     obj: dict[str, Any] = {
         "agent_id": record.agent_id,
         "hostname": record.hostname,
@@ -32,6 +33,9 @@ def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
         "last_seen": record.last_seen,
         "clock_skew_seconds": record.clock_skew_seconds,
         "last_event_at": record.signs.last_event_at if record.signs else None,
+        "conflict": None if record.conflict is None else {
+            "hostname": record.conflict.hostname, "boot_id": record.conflict.boot_id,
+            "seen_at": record.conflict.seen_at, "current": record.conflicting(now)},
     }
     for key, value in record.snapshot.items():
         if key not in obj and key != SIGNATURE_KEY:

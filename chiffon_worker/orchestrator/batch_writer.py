@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
-from chiffon_worker.orchestrator.judge import Rows
+from chiffon_worker.orchestrator.judge import Outcome, Rows
 from chiffon_worker.orchestrator.registry import Registry
 
 
@@ -28,6 +28,7 @@ class Batch:
 
     agent_rows: list[dict[str, Any]]
     history_rows: list[dict[str, Any]]
+    conflict_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BatchWriter:
@@ -41,12 +42,20 @@ class BatchWriter:
         self.stats = stats if stats is not None else IngestStats()
         self._agents: dict[str, dict[str, Any]] = {}
         self._history: dict[tuple[str, int], dict[str, Any]] = {}
+        self._conflicts: dict[str, dict[str, Any]] = {}
         self._uncommitted = 0  # agent rows of the batch taken and not yet committed
 
     @property
     def pending(self) -> int:
         """Agent rows collected or taken and not yet committed."""
         return len(self._agents) + self._uncommitted
+
+    def keep(self, outcome: Outcome) -> None:
+        """Collect what a judged message writes: an accepted heartbeat's rows, a conflict."""
+        if outcome.rows is not None:
+            self.add(outcome.rows)
+        if outcome.conflict is not None:
+            self._conflicts[outcome.conflict["agent_id"]] = outcome.conflict
 
     def add(self, rows: Rows) -> None:
         """Collect one accepted heartbeat's rows (superseding older ones of its agent)."""
@@ -59,7 +68,7 @@ class BatchWriter:
 
         The writer forgets the rows: write the batch with :meth:`write`.
         """
-        if not self._agents and not self._history:
+        if not self._agents and not self._history and not self._conflicts:
             return None
         agent_rows = []
         for row in self._agents.values():
@@ -67,7 +76,8 @@ class BatchWriter:
             if not isinstance(snapshot, str):
                 row["snapshot"] = json.dumps(snapshot, separators=(",", ":"))
             agent_rows.append(row)
-        batch = Batch(agent_rows, list(self._history.values()))
+        batch = Batch(agent_rows, list(self._history.values()), list(self._conflicts.values()))
+        self._conflicts = {}
         self._uncommitted = len(agent_rows)
         self._agents = {}
         self._history = {}
@@ -77,7 +87,8 @@ class BatchWriter:
         """Commit ``batch`` in one transaction (RegistryError: nothing of it is stored)."""
         started = time.perf_counter()
         try:
-            self.registry.write_batch(batch.agent_rows, batch.history_rows)
+            self.registry.write_batch(batch.agent_rows, batch.history_rows,
+                                      batch.conflict_rows)
         except RegistryError:
             self.stats.write_errors += 1
             raise

@@ -80,10 +80,12 @@ class OrchestratorCollector:
         registry_up.add_metric([], 1)
         yield registry_up
         now = self.clock()
-        up = GaugeMetricFamily("chiffon_agent_up", "1 while the agent is online (a sign of "
-                               "life within its window), else 0", labels=_LABELS)
+        up = GaugeMetricFamily("chiffon_agent_up", "1 while the agent is alive (online, or "
+                               "conflict: a sign of life within its window), else 0",
+                               labels=_LABELS)
         liveness = GaugeMetricFamily("chiffon_agent_liveness", "1 for the agent's liveness "
-                                     "state (online, stopped, lost), 0 for the others",
+                                     "state (online, stopped, lost, conflict), 0 for the "
+                                     "others",
                                      labels=[*_LABELS, "state"])
         age = GaugeMetricFamily("chiffon_agent_heartbeat_age_seconds",
                                 "seconds since the newest heartbeat was received",
@@ -98,7 +100,7 @@ class OrchestratorCollector:
         for record in records:
             labels = [record.agent_id, record.hostname, record.pool]
             current = record.liveness(now)
-            up.add_metric(labels, 1.0 if current == "online" else 0.0)
+            up.add_metric(labels, 1.0 if current in ("online", "conflict") else 0.0)
             for state in LIVENESS_STATES:
                 liveness.add_metric([*labels, state], 1.0 if current == state else 0.0)
             age.add_metric(labels, record.age_seconds(now))
@@ -134,6 +136,8 @@ def _stats_metrics(stats: IngestStats) -> Iterator[Metric]:
     yield ignored
     yield _counter("chiffon_agent_restarts_detected", "agent restarts detected", stats.restarts)
     yield _counter("chiffon_heartbeat_gaps", "sequence gaps detected", stats.gaps)
+    yield _counter("chiffon_agent_id_conflicts", "heartbeats from a second live process "
+                   "claiming an agent's id", stats.conflicts)
     yield _counter("chiffon_heartbeats_missed", "sequence numbers missed in gaps",
                    stats.missed)
     yield _counter("chiffon_heartbeats_clock_skewed",

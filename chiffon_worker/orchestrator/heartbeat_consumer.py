@@ -185,8 +185,7 @@ class HeartbeatConsumer:
             message.body, message.headers, message.content_type, message.content_encoding,
             received_at=time.time(),
             redelivered=bool(message.delivery_info.get("redelivered", False)))
-        if outcome.rows is not None:
-            self.writer.add(outcome.rows)
+        self.writer.keep(outcome)
         if len(self._messages) >= self.batch_size:
             self._flush()
 

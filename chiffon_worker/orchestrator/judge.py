@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 IGNORED = "ignored"
+#: The reason of a heartbeat from a second live process claiming an agent's id.
+CONFLICT = "conflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +66,23 @@ class Outcome:
     kind: str
     reason: str = ""
     rows: Rows | None = None
+    #: a second live process claiming the agent's id (every column of ``chiffon_conflicts``)
+    conflict: dict[str, Any] | None = None
 
 
 class _AgentMemory:
     """Per-agent state the judge needs between heartbeats."""
 
-    __slots__ = ("first_seen", "history_count", "missed", "past_json", "restarts", "seq",
-                 "skewed")
+    __slots__ = ("first_seen", "history_count", "hostname", "interval", "last_received",
+                 "missed", "past_json", "restarts", "seq", "skewed")
 
     def __init__(self, seq: liveness.SeqState, *, first_seen: float, restarts: int, missed: int,
-                 history_count: int, skewed: bool) -> None:
+                 history_count: int, skewed: bool, hostname: str, last_received: float,
+                 interval: float) -> None:
         self.seq = seq
+        self.hostname = hostname
+        self.last_received = last_received
+        self.interval = interval
         self.first_seen = first_seen
         self.restarts = restarts
         self.missed = missed
@@ -107,7 +115,8 @@ class HeartbeatJudge:
                                   record.past_boot_ids),
                 first_seen=record.first_seen, restarts=record.restarts, missed=record.missed,
                 history_count=record.history_count,
-                skewed=record.clock_skew_seconds is not None)
+                skewed=record.clock_skew_seconds is not None, hostname=record.hostname,
+                last_received=record.last_seen, interval=record.heartbeat_interval_seconds)
 
     @property
     def known_agents(self) -> int:
@@ -159,6 +168,14 @@ class HeartbeatJudge:
         prev = memory.seq if memory is not None else None
         boot_id, started_at, seq = snap["boot_id"], float(snap["started_at"]), snap["seq"]
         verdict = liveness.sequence(prev, boot_id, started_at, seq)
+        if verdict.verdict is liveness.Verdict.STALE_BOOT and memory is not None \
+                and not redelivered:
+            if liveness.superseder_went_silent(memory.last_received, memory.interval,
+                                               received_at):
+                # the process that superseded this boot is gone: this one is the live one
+                verdict = liveness.Sequencing(liveness.Verdict.RESTART)
+            elif not self.secret:
+                return self._conflict(snap, memory, received_at)
         if not verdict.accepted:
             if redelivered:
                 return self._ignore("redelivered", agent_id, received_at)
@@ -176,12 +193,17 @@ class HeartbeatJudge:
                                    float(snap["heartbeat_interval_seconds"]))
         if memory is None:
             memory = _AgentMemory(new_seq, first_seen=received_at, restarts=0, missed=0,
-                                  history_count=0, skewed=False)
+                                  history_count=0, skewed=False, hostname=snap["hostname"],
+                                  last_received=received_at,
+                                  interval=float(snap["heartbeat_interval_seconds"]))
             self._agents[agent_id] = memory
             log.debug("new agent %s (%s, pool %s)", agent_id, snap["hostname"], snap["pool"])
         else:
             before, memory.seq = memory.seq, new_seq
             self._note_sequence(memory, verdict, before, snap, received_at)
+        memory.hostname = snap["hostname"]
+        memory.last_received = received_at
+        memory.interval = float(snap["heartbeat_interval_seconds"])
         self._note_skew(memory, agent_id, skew, received_at)
         self.stats.accepted += 1
         return Outcome(ACCEPTED, "", self._rows(agent_id, memory, snap, received_at=received_at,
@@ -239,6 +261,21 @@ class HeartbeatJudge:
         point["slot"] = slot
         point["received_at"] = received_at
         return Rows(row, point)
+
+    def _conflict(self, snap: dict[str, Any], memory: _AgentMemory, now: float) -> Outcome:
+        """A superseded boot still sends while the current one does: two live processes."""
+        agent_id = snap["agent_id"]
+        self.stats.conflicts += 1
+        self.stats.ignored[CONFLICT] += 1
+        self._log.log(logging.ERROR, "conflict:" + agent_id, now,
+                      "agent id %s is claimed by two live processes: on %s (boot %s) and on "
+                      "%s (boot %s); give each machine its own agent_id (agent.yml or "
+                      "CHIFFON_AGENT_ID), or give a cloned machine a new machine id "
+                      "(systemd-machine-id-setup), then restart its agent", agent_id,
+                      memory.hostname, memory.seq.boot_id, snap["hostname"], snap["boot_id"])
+        return Outcome(IGNORED, CONFLICT, conflict={
+            "agent_id": agent_id, "hostname": snap["hostname"], "boot_id": snap["boot_id"],
+            "seen_at": now})
 
     # -- counting and logging ---------------------------------------------------------------
 

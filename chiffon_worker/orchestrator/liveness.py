@@ -32,9 +32,10 @@ MAX_PAST_BOOT_IDS = 8
 
 State = Literal["online", "offline"]
 #: What is known of an agent: ``online`` (a sign of life within its window), ``stopped``
-#: (it announced a clean stop), ``lost`` (no sign of life past the window).
-Liveness = Literal["online", "stopped", "lost"]
-LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost")
+#: (it announced a clean stop), ``lost`` (no sign of life past the window), ``conflict``
+#: (two live processes claim its id).
+Liveness = Literal["online", "stopped", "lost", "conflict"]
+LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost", "conflict")
 
 #: A worker whose Celery events stopped is gone after this many event intervals: Celery's
 #: and Flower's own rule (``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s),
@@ -179,6 +180,27 @@ def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfL
         if signs.last_event_at + window >= last_received_at:
             return "online" if now - signs.last_event_at <= window else "lost"
     return "online" if is_online(last_received_at, timeout_seconds, now) else "lost"
+
+
+#: A superseded boot takes its agent over again once the boot that superseded it sent
+#: nothing for this many of its capacity intervals (the superseder is gone).
+TAKEOVER_INTERVALS = 1.5
+#: A conflict is shown while its last sign is younger than this many capacity intervals.
+CONFLICT_INTERVALS = 2.5
+
+
+def superseder_went_silent(last_received_at: float, interval_seconds: float,
+                           now: float) -> bool:
+    """Whether the current boot of an agent (newest heartbeat received at
+    ``last_received_at``, every ``interval_seconds``) has been silent long enough at ``now``
+    that a heartbeat of a superseded boot means that boot is the live one again."""
+    return now - last_received_at > interval_seconds * TAKEOVER_INTERVALS
+
+
+def conflict_is_current(seen_at: float, interval_seconds: float, now: float) -> bool:
+    """Whether a second process claiming the agent's id (last heard at ``seen_at``) still
+    counts as live at ``now``."""
+    return now - seen_at <= interval_seconds * CONFLICT_INTERVALS
 
 
 def is_online(last_received_at: float, timeout_seconds: float, now: float) -> bool:

@@ -44,7 +44,13 @@ from sqlalchemy.schema import CreateSchema
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import sql_schema
-from chiffon_worker.orchestrator.liveness import Liveness, SignsOfLife, State, liveness_of
+from chiffon_worker.orchestrator.liveness import (
+    Liveness,
+    SignsOfLife,
+    State,
+    conflict_is_current,
+    liveness_of,
+)
 from chiffon_worker.snapshot import HISTORY_FIELDS, STORED_METRICS
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,16 @@ _PG_CONNECT_TIMEOUT_SECONDS = 10
 METRIC_NAMES: frozenset[str] = frozenset(f.name for f in STORED_METRICS)
 #: Snapshot keys the registry keeps a history of, in column order.
 HISTORY_NAMES: tuple[str, ...] = tuple(f.name for f in HISTORY_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A second live process claiming an agent's id: its host, boot, and when its newest
+    heartbeat was received (unix seconds)."""
+
+    hostname: str
+    boot_id: str
+    seen_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,8 @@ class AgentRecord:
     snapshot: Mapping[str, Any] = field(default_factory=dict)
     #: the agent's Celery worker events, once the orchestrator has seen any
     signs: SignsOfLife | None = None
+    #: the newest heartbeat of a second live process claiming this agent's id, if any
+    conflict: Conflict | None = None
 
     def __getattr__(self, name: str) -> Any:
         """A stored metric by its snapshot key (only called for names not found above)."""
@@ -108,12 +126,21 @@ class AgentRecord:
     def liveness(self, now: float) -> Liveness:
         """``online``, ``stopped`` or ``lost`` at ``now`` (unix seconds); see
         :func:`~chiffon_worker.orchestrator.liveness.liveness_of`."""
-        return liveness_of(self.last_seen, self.heartbeat_timeout_seconds, self.signs, now)
+        state = liveness_of(self.last_seen, self.heartbeat_timeout_seconds, self.signs, now)
+        if state == "online" and self.conflicting(now):
+            return "conflict"
+        return state
+
+    def conflicting(self, now: float) -> bool:
+        """Whether a second live process claims this agent's id at ``now``."""
+        return self.conflict is not None and conflict_is_current(
+            self.conflict.seen_at, self.heartbeat_interval_seconds, now)
 
     def state(self, now: float) -> State:
-        """``online`` or ``offline`` at ``now``: the coarse form of :meth:`liveness` that
-        ``chiffon status --json`` has always carried in ``state``."""
-        return "online" if self.liveness(now) == "online" else "offline"
+        """``online`` (alive: ``online`` or ``conflict``) or ``offline`` at ``now``: the
+        coarse form of :meth:`liveness` that ``chiffon status --json`` has always carried
+        in ``state``."""
+        return "online" if self.liveness(now) in ("online", "conflict") else "offline"
 
     def age_seconds(self, now: float) -> float:
         """Seconds since the newest heartbeat was received."""
@@ -317,20 +344,23 @@ class Registry:
         conn.exec_driver_sql(self._upsert_sql(table, keys), list(rows))
 
     def write_batch(self, agent_rows: Sequence[Mapping[str, Any]],
-                    history_rows: Sequence[Mapping[str, Any]]) -> None:
+                    history_rows: Sequence[Mapping[str, Any]],
+                    conflict_rows: Sequence[Mapping[str, Any]] = ()) -> None:
         """Upsert agent rows and history points in one transaction.
 
         ``agent_rows`` hold every column of ``chiffon_agents`` (at most one per agent id;
         an existing row keeps its ``first_seen``); ``history_rows`` every column of
         ``chiffon_history`` (at most one per agent id and slot).
         """
-        if not agent_rows and not history_rows:
+        if not agent_rows and not history_rows and not conflict_rows:
             return
         with self._transaction("write") as conn:
             if agent_rows:
                 self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows)
             if history_rows:
                 self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
+            if conflict_rows:
+                self._upsert(conn, sql_schema.conflicts, ("agent_id",), conflict_rows)
 
     def write_signs(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Upsert signs of life (every column of ``chiffon_signs_of_life``, one row per agent)."""
@@ -351,6 +381,8 @@ class Registry:
                          .where(sql_schema.history.c.agent_id == agent_id))
             conn.execute(delete(sql_schema.signs_of_life)
                          .where(sql_schema.signs_of_life.c.agent_id == agent_id))
+            conn.execute(delete(sql_schema.conflicts)
+                         .where(sql_schema.conflicts.c.agent_id == agent_id))
             result = conn.execute(delete(sql_schema.agents)
                                   .where(sql_schema.agents.c.agent_id == agent_id))
         return bool(result.rowcount)
@@ -388,14 +420,20 @@ class Registry:
 
 
 _SIGN_COLUMNS = ("worker_name", "last_event_at", "event_interval_seconds", "offline_at")
+#: Columns of ``chiffon_conflicts`` as read into records (prefixed: ``hostname`` clashes).
+_CONFLICT_COLUMNS = {"conflict_hostname": "hostname", "conflict_boot_id": "boot_id",
+                     "conflict_seen_at": "seen_at"}
 
 
 def _agents_query(with_snapshot: bool) -> Select[Any]:
     """Agent rows with their signs of life (outer join: an agent may have none yet)."""
-    agents, signs = sql_schema.agents, sql_schema.signs_of_life
+    agents, signs, conflicts = sql_schema.agents, sql_schema.signs_of_life, sql_schema.conflicts
     columns = [c for c in agents.columns if with_snapshot or c.name != "snapshot"]
-    return select(*columns, *(signs.c[name] for name in _SIGN_COLUMNS)).select_from(
-        agents.outerjoin(signs, signs.c.agent_id == agents.c.agent_id))
+    return select(*columns, *(signs.c[name] for name in _SIGN_COLUMNS),
+                  *(conflicts.c[name].label(label)
+                    for label, name in _CONFLICT_COLUMNS.items())).select_from(
+        agents.outerjoin(signs, signs.c.agent_id == agents.c.agent_id)
+        .outerjoin(conflicts, conflicts.c.agent_id == agents.c.agent_id))
 
 
 def _record(row: RowMapping) -> AgentRecord:
@@ -403,6 +441,9 @@ def _record(row: RowMapping) -> AgentRecord:
     sign = {name: values.pop(name) for name in _SIGN_COLUMNS}
     if sign["last_event_at"] is not None:
         values["signs"] = SignsOfLife(**sign)
+    other = {name: values.pop(label) for label, name in _CONFLICT_COLUMNS.items()}
+    if other["seen_at"] is not None:
+        values["conflict"] = Conflict(**other)
     values["past_boot_ids"] = tuple(json.loads(values["past_boot_ids"]))
     snapshot = values.pop("snapshot", None)
     values["snapshot"] = json.loads(snapshot) if snapshot else {}

@@ -109,6 +109,16 @@ signs_of_life = Table(
     postgresql_with={"fillfactor": 50},
 )
 
+#: A second live process claiming an agent's id: its newest heartbeat (host, boot, receipt
+#: time); one row per agent, kept after the conflict ends (``seen_at`` tells when it was).
+conflicts = Table(
+    "chiffon_conflicts", metadata,
+    Column("agent_id", agents.c.agent_id.type, primary_key=True),
+    Column("hostname", agents.c.agent_id.type, nullable=False),
+    Column("boot_id", agents.c.agent_id.type, nullable=False),
+    Column("seen_at", Float, nullable=False),
+)
+
 #: Columns of ``agents`` copied straight from a snapshot's keys (``agent_id`` first).
 SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS)
 #: Columns of ``history`` holding metrics (besides agent_id, slot, received_at).

@@ -20,11 +20,16 @@ from celery.worker import components
 
 from chiffon_worker.wire import HEARTBEAT_QUEUE, HEARTBEAT_TASK
 from chiffon_worker.worker.heartbeat_sender import HeartbeatSender
-from chiffon_worker.worker.runtime import get_agent, get_config
+from chiffon_worker.worker.runtime import get_agent, get_config, mark_stopping, wait_ready
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_ENTRY = "chiffon-heartbeat"
+#: The first heartbeat waits (at most this long, seconds) until the worker is consuming: a
+#: second agent started with the id of a running one on the same host stops as its
+#: consumer starts, and must not announce itself first (its heartbeat would supersede
+#: the live agent's). A broker that is down at start only delays it by this much.
+FIRST_HEARTBEAT_WAIT_SECONDS = 5.0
 
 
 class ThreadedBeat(components.Beat):  # type: ignore[misc]
@@ -38,6 +43,14 @@ class ThreadedBeat(components.Beat):  # type: ignore[misc]
                                  scheduler_cls=w.scheduler, thread=True)
         return w.beat
 
+    def close(self, w: Any) -> None:
+        mark_stopping()
+        super().close(w)
+
+    def stop(self, w: Any) -> Any:
+        mark_stopping()
+        return super().stop(w)
+
 
 def _take_snapshot() -> dict[str, Any]:
     return get_agent().snapshot()
@@ -49,6 +62,7 @@ class HeartbeatScheduler(Scheduler):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._config = get_config()
         self._sender: HeartbeatSender | None = None
+        self._first_sent = False
         super().__init__(*args, **kwargs)
 
     @property
@@ -79,6 +93,10 @@ class HeartbeatScheduler(Scheduler):  # type: ignore[misc]
 
     def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
         if entry.task == HEARTBEAT_TASK:
+            if not self._first_sent:
+                if not wait_ready(FIRST_HEARTBEAT_WAIT_SECONDS):
+                    return  # the worker stopped before it was ready: announce nothing
+                self._first_sent = True
             self.sender.send()
             return
         super().apply_entry(entry, producer=self.sender.producer())

@@ -38,7 +38,7 @@ from chiffon_worker.process_local import ProcessLocal
 from chiffon_worker.worker.beat import ThreadedBeat
 from chiffon_worker.worker.consumer import install_ack_lost_filter
 from chiffon_worker.worker.control import register_control_commands
-from chiffon_worker.worker.runtime import get_config
+from chiffon_worker.worker.runtime import get_config, mark_ready
 from chiffon_worker.worker.settings import celery_settings
 from chiffon_worker.worker.tasks import register_tasks
 
@@ -133,7 +133,9 @@ def _on_worker_init(**_: Any) -> None:
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """The ready line, from what the consumer really uses (not from the config)."""
+    """The ready line, from what the consumer really uses (not from the config); and the
+    go-ahead for the first heartbeat (see ``beat.FIRST_HEARTBEAT_WAIT_SECONDS``)."""
+    mark_ready()
     config = get_config()
     connection = getattr(sender, "connection", None)
     broker = connection.as_uri() if connection is not None else mask_url(

@@ -10,6 +10,7 @@ config is bad, which is how a worker refuses to start half-configured.
 from __future__ import annotations
 
 import sys
+import threading
 
 from chiffon_worker.agents.desktop import DesktopAgent
 from chiffon_worker.config import Config
@@ -37,6 +38,26 @@ def _new_agent() -> DesktopAgent:
 
 _config: ProcessLocal[Config] = ProcessLocal(load_config_or_exit)
 _agent: ProcessLocal[DesktopAgent] = ProcessLocal(_new_agent)
+_ready: ProcessLocal[threading.Event] = ProcessLocal(threading.Event)
+_stopping: ProcessLocal[threading.Event] = ProcessLocal(threading.Event)
+
+
+def mark_ready() -> None:
+    """The worker is consuming (its queues, and its remote-control queue, are its own)."""
+    _ready.get().set()
+
+
+def mark_stopping() -> None:
+    """The worker is stopping: a pending first heartbeat is not sent."""
+    _stopping.get().set()
+    _ready.get().set()  # wakes a waiting first heartbeat
+
+
+def wait_ready(timeout_seconds: float) -> bool:
+    """Wait up to ``timeout_seconds`` for :func:`mark_ready`; False when the worker is
+    stopping instead (the wait ends at once then)."""
+    _ready.get().wait(timeout_seconds)
+    return not _stopping.get().is_set()
 
 
 def get_config() -> Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chiffon_worker.config import Config, mask_url
+from chiffon_worker.config import Config, derive_agent_id, mask_url
 from chiffon_worker.errors import ConfigError
 from tests.config.layers import load, user_file, write
 
@@ -87,7 +87,18 @@ def test_blank_agent_id_is_a_stable_uuid_and_hostname_is_kept() -> None:
     assert first.agent_id == second.agent_id
     assert len(first.agent_id) == 36 and first.agent_id.count("-") == 4
     assert first.hostname
-    assert first.sources["agent_id"] == "derived from machine-id"
+    assert first.sources["agent_id"] == "derived from machine-id and hostname"
+
+
+def test_clones_sharing_a_machine_id_but_not_a_hostname_derive_different_ids() -> None:
+    machine_id = "0123456789abcdef0123456789abcdef"
+    assert derive_agent_id(machine_id, "rig-a") != derive_agent_id(machine_id, "rig-b")
+
+
+def test_the_derived_id_is_stable_for_one_machine_id_and_hostname() -> None:
+    machine_id = "0123456789abcdef0123456789abcdef"
+    assert derive_agent_id(machine_id, "rig-a") == derive_agent_id(machine_id, "rig-a")
+    assert derive_agent_id(machine_id, "rig-a") != derive_agent_id("f" * 32, "rig-a")
 
 
 def test_agent_id_env_short_name(monkeypatch: pytest.MonkeyPatch) -> None:

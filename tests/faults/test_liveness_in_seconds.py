@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service
 from tests.faults.test_consumer_down import CHIFFON, rabbitmqctl, start_orchestrator
 from tests.integration.helpers import (
@@ -28,6 +30,8 @@ from tests.integration.helpers import (
     agent_environment,
     start_agent,
 )
+from tests.orchestrator.conftest import Publisher
+from tests.orchestrator.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -155,3 +159,27 @@ def test_chiffon_status_shows_the_same_liveness_as_the_registry(fleet: Fleet) ->
                            text=True, timeout=60, check=False)
     row = next(line for line in table.stdout.splitlines() if line.startswith(agent.agent_id))
     assert " lost " in row
+
+
+def test_a_forged_heartbeat_for_a_live_agents_id_shows_as_a_conflict_not_a_takeover(
+        fleet: Fleet) -> None:
+    agent = start_agent(fleet.tmp, fleet.url, interval=1.0)  # fast capacity heartbeats
+    try:
+        agent.wait_ready()
+        fleet.wait_for(agent, lambda liveness, _: liveness == "online", READY_TIMEOUT_S,
+                       "online")
+        publisher = Publisher(fleet.url, HEARTBEAT_QUEUE)
+        try:
+            publisher.heartbeat(make_snapshot(agent.agent_id, pool=agent.pool, seq=1,
+                                              boot_id="forged-boot", started_at=time.time(),
+                                              hostname="intruder", interval=1.0, timeout=5.0))
+        finally:
+            publisher.connection.release()
+        fleet.wait_for(agent, lambda liveness, record: liveness == "conflict"
+                       and record.conflict.hostname == socket.gethostname(), 15,
+                       "in conflict naming the real host")
+        # the forger sends nothing more: the real agent takes its id back
+        fleet.wait_for(agent, lambda liveness, record: liveness == "online"
+                       and record.hostname != "intruder", 20, "online again as itself")
+    finally:
+        agent.stop()

@@ -37,8 +37,7 @@ class Feeder:
                                                    **options))
 
     def _keep(self, outcome: Outcome) -> Outcome:
-        if outcome.rows is not None:
-            self.writer.add(outcome.rows)
+        self.writer.keep(outcome)
         return outcome
 
     def commit(self) -> int:

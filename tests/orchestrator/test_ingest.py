@@ -120,14 +120,66 @@ def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Feeder) -> None:
     assert sum(ingestor.stats.ignored.values()) == 4
 
 
-def test_a_restart_is_counted_and_heartbeats_from_the_old_boot_are_ignored(
-        ingestor: Feeder) -> None:
-    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old")))
-    assert judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new",
-                                                   started_at=2e9))) == ("accepted", "")
-    assert judge(ingestor, task_body(make_snapshot(seq=10, boot_id="old"))) == (
-        "ignored", "stale_boot")
+def test_a_restart_is_counted_and_the_old_boot_is_superseded(ingestor: Feeder) -> None:
+    now = time.time()
+    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old")), received_at=now)
+    assert judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new", started_at=2e9)),
+                 received_at=now + 1) == ("accepted", "")
     assert ingestor.stats.restarts == 1
+    ingestor.commit()
+    [record] = ingestor.registry.agents()
+    assert (record.boot_id, record.past_boot_ids) == ("new", ("old",))
+
+
+def test_the_old_boot_still_sending_beside_the_new_one_is_a_conflict_naming_its_host(
+        ingestor: Feeder) -> None:
+    now = time.time()
+    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old", hostname="clone-a")),
+          received_at=now)
+    judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new", started_at=2e9,
+                                            hostname="clone-b")), received_at=now + 1)
+    assert judge(ingestor, task_body(make_snapshot(seq=10, boot_id="old", hostname="clone-a")),
+                 received_at=now + 2) == ("ignored", "conflict")
+    assert ingestor.stats.conflicts == 1
+    ingestor.commit()
+    [record] = ingestor.registry.agents()
+    assert record.hostname == "clone-b", "the row stays with the current boot"
+    assert record.conflict is not None
+    assert (record.conflict.hostname, record.conflict.boot_id) == ("clone-a", "old")
+    assert record.liveness(now + 3) == "conflict"
+    assert record.state(now + 3) == "online", "alive, in the coarse form"
+
+
+def test_a_conflict_ends_when_the_second_process_goes_quiet(ingestor: Feeder) -> None:
+    now = time.time()
+    interval = 30.0
+    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="old")), received_at=now)
+    judge(ingestor, task_body(make_snapshot(seq=1, boot_id="new", started_at=2e9)),
+          received_at=now + 1)
+    judge(ingestor, task_body(make_snapshot(seq=10, boot_id="old")), received_at=now + 2)
+    for n in range(1, 5):  # the new boot keeps sending; the old one was stopped
+        judge(ingestor, task_body(make_snapshot(seq=1 + n, boot_id="new", started_at=2e9)),
+              received_at=now + 1 + n * interval)
+    ingestor.commit()
+    [record] = ingestor.registry.agents()
+    assert record.liveness(now + 1 + 4 * interval) == "online"
+
+
+def test_a_superseded_boot_takes_over_once_the_superseder_went_silent(
+        ingestor: Feeder) -> None:
+    now = time.time()
+    judge(ingestor, task_body(make_snapshot(seq=9, boot_id="live", hostname="rig")),
+          received_at=now)
+    # a one-off: a second process (or a forged heartbeat) with a new boot, then nothing
+    judge(ingestor, task_body(make_snapshot(seq=1, boot_id="intruder", started_at=2e9,
+                                            hostname="elsewhere")), received_at=now + 1)
+    assert judge(ingestor, task_body(make_snapshot(seq=10, boot_id="live", hostname="rig")),
+                 received_at=now + 30) == ("ignored", "conflict")
+    assert judge(ingestor, task_body(make_snapshot(seq=11, boot_id="live", hostname="rig")),
+                 received_at=now + 60) == ("accepted", "")
+    ingestor.commit()
+    [record] = ingestor.registry.agents()
+    assert (record.boot_id, record.hostname) == ("live", "rig")
 
 
 def test_gaps_count_the_missed_sequence_numbers(ingestor: Feeder) -> None:

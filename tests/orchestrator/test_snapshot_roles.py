@@ -60,7 +60,8 @@ def test_every_history_field_has_a_history_column_and_a_point_attribute(field: F
 
 
 def test_a_record_has_an_attribute_for_every_agents_column() -> None:
-    attributes = {f.name for f in dataclasses.fields(AgentRecord)} - {"metrics", "signs"}
+    attributes = {f.name for f in dataclasses.fields(AgentRecord)} - {
+        "metrics", "signs", "conflict"}
     assert attributes | METRIC_NAMES == AGENTS_COLUMNS
     assert not attributes & METRIC_NAMES
 
