@@ -25,6 +25,7 @@ from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service
 from tests.faults.test_consumer_down import CHIFFON, rabbitmqctl, start_orchestrator
 from tests.integration.helpers import (
+    CELERY,
     READY_TIMEOUT_S,
     Agent,
     agent_environment,
@@ -182,4 +183,49 @@ def test_a_forged_heartbeat_for_a_live_agents_id_shows_as_a_conflict_not_a_takeo
         fleet.wait_for(agent, lambda liveness, record: liveness == "online"
                        and record.hostname != "intruder", 20, "online again as itself")
     finally:
+        agent.stop()
+
+
+def _start_on_another_host(fleet: Fleet, agent_id: str, pool: str, hostname: str
+                           ) -> subprocess.Popen[bytes]:
+    """``celery -A chiffon_worker worker -B`` in its own UTS namespace, named ``hostname``:
+    a cloned machine with the same machine id (so the same agent id), another hostname."""
+    if shutil.which("unshare") is None:
+        missing_service("unshare not on PATH (needed to give an agent another hostname)")
+    home = fleet.tmp / f"home-{hostname}-{agent_id}"
+    home.mkdir(parents=True)
+    env = agent_environment(home, {
+        "CHIFFON_BROKER_URL": fleet.url, "CHIFFON_AGENT_ID": agent_id,
+        "CHIFFON_AGENT_POOL_NAME": pool, "CHIFFON_HEARTBEAT_INTERVAL": "1",
+        "CHIFFON_HEARTBEAT_TIMEOUT_SECONDS": "5"})
+    log = (fleet.tmp / f"{hostname}-{agent_id}.log").open("wb")
+    script = f'hostname {hostname} && exec "$0" -A chiffon_worker worker -B'
+    with log:
+        return subprocess.Popen(["unshare", "--uts", "sh", "-c", script, str(CELERY)],
+                                env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_two_live_agents_sharing_an_id_on_two_hosts_show_as_a_conflict_until_one_stops(
+        fleet: Fleet) -> None:
+    agent = start_agent(fleet.tmp, fleet.url, interval=1.0)
+    clone: subprocess.Popen[bytes] | None = None
+    try:
+        agent.wait_ready()
+        fleet.wait_for(agent, lambda liveness, _: liveness == "online", READY_TIMEOUT_S,
+                       "online")
+        clone = _start_on_another_host(fleet, agent.agent_id, agent.pool, "clone-b")
+        fleet.wait_for(agent, lambda liveness, record: liveness == "conflict"
+                       and record.conflict is not None
+                       and {record.hostname, record.conflict.hostname}
+                       == {socket.gethostname(), "clone-b"}, 20,
+                       "in conflict naming both hosts")
+        clone.send_signal(signal.SIGTERM)
+        clone.wait(30)
+        fleet.wait_for(agent, lambda liveness, record: liveness == "online"
+                       and record.hostname == socket.gethostname(), 20,
+                       "online again as the survivor")
+    finally:
+        if clone is not None and clone.poll() is None:
+            clone.kill()
+            clone.wait(30)
         agent.stop()
