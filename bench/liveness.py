@@ -48,7 +48,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import celery
 import flower
@@ -66,12 +65,6 @@ from chiffon_worker.orchestrator.liveness import (  # noqa: E402
     EVENT_EXPIRY_INTERVALS,
 )
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry  # noqa: E402
-from tests.faults.test_consumer_down import (  # noqa: E402
-    CHIFFON,
-    Orchestrator,
-    rabbitmqctl,
-    start_orchestrator,
-)
 from tests.integration.helpers import (  # noqa: E402
     CELERY,
     READY_TIMEOUT_S,
@@ -81,6 +74,11 @@ from tests.integration.helpers import (  # noqa: E402
     unique,
 )
 from tests.integration.private_rabbit import free_port, port_open  # noqa: E402
+from tests.orchestrator_process import (  # noqa: E402
+    CHIFFON,
+    orchestrator_on,
+    private_vhost,
+)
 
 log = logging.getLogger("bench.liveness")
 
@@ -400,41 +398,29 @@ def measure_traffic(bench: Bench, seconds: float) -> dict[str, Any]:
 @contextmanager
 def fleet(broker: str) -> Iterator[Bench]:
     """A private vhost with the orchestrator and Flower; all gone afterwards."""
-    vhost = f"chiffon_bench_live_{uuid.uuid4().hex[:10]}"
-    added = rabbitmqctl("add_vhost", vhost)
-    if added.returncode != 0:
-        raise RuntimeError(f"cannot add a RabbitMQ vhost: {added.stderr.strip()}")
     tmp = Path(tempfile.mkdtemp(prefix="chiffon-bench-liveness-"))
-    orchestrator: Orchestrator | None = None
-    flower_proc: subprocess.Popen[bytes] | None = None
-    registry: Registry | None = None
     try:
-        granted = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        if granted.returncode != 0:
-            raise RuntimeError(f"cannot set permissions: {granted.stderr.strip()}")
-        url = urlunsplit(urlsplit(broker)._replace(path=f"/{vhost}"))
-        state = tmp / "orchestrator-state"
-        env = agent_environment(tmp / "orchestrator-home", {
-            "CHIFFON_BROKER_URL": url, "CHIFFON_STATE_DIR": str(state),
-            "CHIFFON_LOG_LEVEL": "INFO"})
-        orchestrator = start_orchestrator(env, tmp / "orchestrator.log")
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "following worker events on" not in orchestrator.log():
-            if orchestrator.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"orchestrator not following events:\n{orchestrator.log()}")
-            time.sleep(0.05)
-        registry = Registry(f"sqlite:///{state / 'registry.sqlite3'}")
+        with private_vhost(broker) as url, orchestrator_on(url, tmp) as running, \
+                Registry(running.registry_url) as registry, flower_on(url, tmp) as base:
+            yield Bench(url, running.env, registry, base, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-        port = free_port()
-        flower_env = agent_environment(tmp / "flower-home", {
-            "CHIFFON_BROKER_URL": url, "CHIFFON_AGENT_ID": unique("bench-flower"),
-            "FLOWER_UNAUTHENTICATED_API": "true"})
-        flower_log = tmp / "flower.log"
-        with flower_log.open("wb") as out:
-            flower_proc = subprocess.Popen(
-                [str(CELERY), "-A", "chiffon_worker", "--broker", url, "flower",
-                 "--address=127.0.0.1", f"--port={port}"],
-                env=flower_env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
+
+@contextmanager
+def flower_on(url: str, tmp: Path) -> Iterator[str]:
+    """A real Flower on broker ``url``, answering its HTTP API; yields its base URL."""
+    port = free_port()
+    flower_env = agent_environment(tmp / "flower-home", {
+        "CHIFFON_BROKER_URL": url, "CHIFFON_AGENT_ID": unique("bench-flower"),
+        "FLOWER_UNAUTHENTICATED_API": "true"})
+    flower_log = tmp / "flower.log"
+    with flower_log.open("wb") as out:
+        flower_proc = subprocess.Popen(
+            [str(CELERY), "-A", "chiffon_worker", "--broker", url, "flower",
+             "--address=127.0.0.1", f"--port={port}"],
+            env=flower_env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
+    try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
@@ -445,20 +431,15 @@ def fleet(broker: str) -> Iterator[Bench]:
                     if isinstance(_get_json(f"{base}/api/workers?status=1"), dict):
                         break
             time.sleep(0.1)
-        yield Bench(url, env, registry, base, tmp)
+        yield base
     finally:
-        for proc in (flower_proc, orchestrator.popen if orchestrator else None):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(15)
-        if registry is not None:
-            registry.close()
-        rabbitmqctl("delete_vhost", vhost)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if flower_proc.poll() is None:
+            flower_proc.send_signal(signal.SIGTERM)
+            try:
+                flower_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                flower_proc.kill()
+                flower_proc.wait(15)
 
 
 def targets(results: dict[str, Any]) -> dict[str, Any]:

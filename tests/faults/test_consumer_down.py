@@ -20,14 +20,11 @@ import itertools
 import json
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,10 +42,15 @@ from tests.integration.helpers import (
     start_agent,
     unique,
 )
+from tests.orchestrator_process import (
+    CHIFFON,
+    Orchestrator,
+    rabbitmqctl,
+    start_orchestrator,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHIFFON = Path(sys.executable).parent / "chiffon"
 INTERVAL_S = 1.0
 TIMEOUT_S = 3.0
 #: The consumer stays down this long: several intervals, and well past the timeout, so
@@ -59,40 +61,6 @@ SLACK_S = 0.5
 #: Heartbeats published this close to the expiry boundary may go either way.
 EXPIRY_MARGIN_S = 0.75
 START_TIMEOUT_S = 30.0
-
-
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True,
-                          timeout=60, check=False)
-
-
-@dataclass
-class Orchestrator:
-    """A running ``chiffon orchestrator``."""
-
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM (a clean stop); returns the exit status."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(15)
-        return self.popen.returncode
-
-
-def start_orchestrator(env: dict[str, str], log_path: Path) -> Orchestrator:
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen([str(CHIFFON), "orchestrator", "--metrics-port", "0"],
-                                 env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Orchestrator(popen, log_path)
 
 
 @dataclass

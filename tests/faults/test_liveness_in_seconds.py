@@ -12,18 +12,15 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service
-from tests.faults.test_consumer_down import CHIFFON, rabbitmqctl, start_orchestrator
 from tests.integration.helpers import (
     CELERY,
     READY_TIMEOUT_S,
@@ -33,6 +30,7 @@ from tests.integration.helpers import (
 )
 from tests.orchestrator.conftest import Publisher
 from tests.orchestrator.snapshots import make_snapshot
+from tests.orchestrator_process import CHIFFON, VhostUnavailable, orchestrator_on, private_vhost
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,37 +77,13 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    if shutil.which("rabbitmqctl") is None:
-        missing_service("rabbitmqctl not on PATH (needed for a private vhost)")
-    vhost = f"chiffon_t_{uuid.uuid4().hex[:12]}"
-    added = rabbitmqctl("add_vhost", vhost)
-    if added.returncode != 0:
-        missing_service(f"cannot add a RabbitMQ vhost: {added.stderr.strip()}")
     tmp = tmp_path_factory.mktemp("liveness")
-    orchestrator = None
     try:
-        granted = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        assert granted.returncode == 0, granted.stderr
-        url = urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
-        state = tmp / "orchestrator-state"
-        env = agent_environment(tmp / "orchestrator-home", {
-            "CHIFFON_BROKER_URL": url, "CHIFFON_STATE_DIR": str(state),
-            "CHIFFON_LOG_LEVEL": "INFO"})
-        orchestrator = start_orchestrator(env, tmp / "orchestrator.log")
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "following worker events on" not in orchestrator.log():
-            assert orchestrator.popen.poll() is None, orchestrator.log()
-            assert time.monotonic() < deadline, orchestrator.log()
-            time.sleep(0.05)
-        registry = Registry(f"sqlite:///{state / 'registry.sqlite3'}")
-        try:
-            yield Fleet(url, env, registry, tmp)
-        finally:
-            registry.close()
-    finally:
-        if orchestrator is not None:
-            orchestrator.stop()
-        rabbitmqctl("delete_vhost", vhost)
+        with private_vhost(rabbitmq_url) as url, orchestrator_on(url, tmp) as running, \
+                Registry(running.registry_url) as registry:
+            yield Fleet(url, running.env, registry, tmp)
+    except VhostUnavailable as exc:
+        missing_service(str(exc))
 
 
 def test_a_clean_stop_shows_stopped_within_a_second_of_the_exit(fleet: Fleet) -> None:
