@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery.events.event import get_exchange
 from kombu.connection import Connection
-from kombu.entity import Exchange, Queue
+from kombu.entity import Queue
 from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
@@ -101,7 +102,8 @@ class WorkerEventListener:
         self.flush()
 
     def _consume(self, conn: Connection) -> None:
-        exchange = Exchange(WORKER_EVENTS_EXCHANGE, type="topic")  # as Celery declares it
+        # as Celery's event dispatcher declares it: a topic exchange, fanout on Redis
+        exchange = get_exchange(conn, WORKER_EVENTS_EXCHANGE)
         queue = Queue(f"chiffon.orchestrator.events.{id(self):x}.{int(time.time())}", exchange,
                       routing_key=WORKER_EVENTS_ROUTING_KEY, auto_delete=True, durable=False,
                       exclusive=True, message_ttl=10.0)

@@ -26,6 +26,7 @@ from tests.integration.helpers import (
     READY_TIMEOUT_S,
     Agent,
     agent_environment,
+    delete_agent_queues,
     start_agent,
 )
 from tests.orchestrator.conftest import Publisher
@@ -203,3 +204,19 @@ def test_two_live_agents_sharing_an_id_on_two_hosts_show_as_a_conflict_until_one
             clone.kill()
             clone.wait(30)
         agent.stop()
+
+
+def test_on_a_redis_broker_a_killed_agent_is_lost_within_ten_seconds_too(
+        redis_url: str, tmp_path: Path) -> None:
+    with orchestrator_on(redis_url, tmp_path) as running, \
+            Registry(running.registry_url) as registry:
+        fleet = Fleet(redis_url, running.env, registry, tmp_path)
+        agent = fleet.start()  # online, with worker events seen
+        try:
+            agent.kill()
+            killed = time.time()
+            shown = fleet.wait_for(agent, lambda liveness, _: liveness == "lost",
+                                   LOST_WITHIN_S + 10, "lost")
+            assert shown - killed <= LOST_WITHIN_S, f"lost after {shown - killed:.2f} s"
+        finally:
+            delete_agent_queues(redis_url, agent.pool, agent.agent_queue)
