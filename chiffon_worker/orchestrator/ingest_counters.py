@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+#: The ignore reason of a heartbeat from a second live process claiming an agent's id.
+CONFLICT = "conflict"
+
 
 @dataclass
 class IngestStats:
@@ -26,15 +29,18 @@ class IngestStats:
     write_seconds: float = 0.0
     write_errors: int = 0
     connection_losses: int = 0
-    #: heartbeats from a second live process claiming an agent's id
-    conflicts: int = 0
 
     def copy(self) -> IngestStats:
         """An independent copy (for a scrape)."""
         return IngestStats(self.accepted, Counter(self.rejected), Counter(self.ignored),
                            self.restarts, self.gaps, self.missed, self.clock_skewed,
                            self.batches, self.write_seconds, self.write_errors,
-                           self.connection_losses, self.conflicts)
+                           self.connection_losses)
+
+    @property
+    def conflicts(self) -> int:
+        """Heartbeats from a second live process claiming an agent's id (ignored ones)."""
+        return self.ignored[CONFLICT]
 
     @property
     def rejected_total(self) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.orchestrator import decoding, liveness
 from chiffon_worker.orchestrator.decoding import HeartbeatRejected
-from chiffon_worker.orchestrator.ingest_counters import IngestStats
+from chiffon_worker.orchestrator.ingest_counters import CONFLICT, IngestStats
 from chiffon_worker.orchestrator.log_limiter import LimitedLog
 from chiffon_worker.orchestrator.sql_schema import (
     HISTORY_METRICS,
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 IGNORED = "ignored"
-#: The reason of a heartbeat from a second live process claiming an agent's id.
-CONFLICT = "conflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +115,6 @@ class HeartbeatJudge:
                 history_count=record.history_count,
                 skewed=record.clock_skew_seconds is not None, hostname=record.hostname,
                 last_received=record.last_seen, interval=record.heartbeat_interval_seconds)
-
-    @property
-    def known_agents(self) -> int:
-        """Agents the judge has sequencing state for."""
-        return len(self._agents)
 
     def judge_message(self, body: bytes | str, headers: Mapping[str, Any] | None,
                       content_type: str | None, content_encoding: str | None = None, *,
@@ -265,7 +258,6 @@ class HeartbeatJudge:
     def _conflict(self, snap: dict[str, Any], memory: _AgentMemory, now: float) -> Outcome:
         """A superseded boot still sends while the current one does: two live processes."""
         agent_id = snap["agent_id"]
-        self.stats.conflicts += 1
         self.stats.ignored[CONFLICT] += 1
         self._log.log(logging.ERROR, "conflict:" + agent_id, now,
                       "agent id %s is claimed by two live processes: on %s (boot %s) and on "

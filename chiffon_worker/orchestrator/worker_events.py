@@ -66,7 +66,6 @@ class WorkerEventListener:
         self.clock = clock
         #: set while consuming events
         self.ready = threading.Event()
-        self.events_seen = 0
         self._stop = threading.Event()
         self._pending: dict[str, dict[str, Any]] = {}
         self._newest: dict[str, dict[str, Any]] = {}
@@ -129,7 +128,6 @@ class WorkerEventListener:
         kind, name = body.get("type"), body.get("hostname")
         if not isinstance(kind, str) or not isinstance(name, str) or "@" not in name:
             return
-        self.events_seen += 1
         now = self.clock()
         agent_id = agent_id_of(name)
         freq = body.get("freq")

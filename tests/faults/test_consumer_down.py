@@ -19,14 +19,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -45,7 +43,8 @@ from tests.integration.helpers import (
 from tests.orchestrator_process import (
     CHIFFON,
     Orchestrator,
-    rabbitmqctl,
+    VhostUnavailable,
+    private_vhost,
     start_orchestrator,
 )
 
@@ -96,90 +95,85 @@ def _wait(tap: HeartbeatTap, condition: Any, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def outage(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[ConsumerOutage]:
-    if shutil.which("rabbitmqctl") is None:
-        unavailable("rabbitmqctl not on PATH (needed for a private vhost)")
-    vhost = f"chiffon_t_{uuid.uuid4().hex[:12]}"
-    added = rabbitmqctl("add_vhost", vhost)
-    if added.returncode != 0:
-        unavailable(f"cannot add a RabbitMQ vhost: {added.stderr.strip()}")
-    tmp = tmp_path_factory.mktemp("consumer-down")
-    agent: Agent | None = None
-    tap: HeartbeatTap | None = None
-    orchestrators: list[Orchestrator] = []
-    try:
-        granted = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        assert granted.returncode == 0, granted.stderr
-        url = urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
-        state = tmp / "orchestrator-state"
-        env = agent_environment(tmp / "orchestrator-home", {
-            "CHIFFON_BROKER_URL": url, "CHIFFON_STATE_DIR": str(state),
-            "CHIFFON_LOG_LEVEL": "INFO"})
+    with ExitStack() as stack:  # the vhost goes last, with its queues and exchanges
+        try:
+            url = stack.enter_context(private_vhost(rabbitmq_url))
+        except VhostUnavailable as exc:
+            unavailable(str(exc))
+        tmp = tmp_path_factory.mktemp("consumer-down")
+        agent: Agent | None = None
+        tap: HeartbeatTap | None = None
+        orchestrators: list[Orchestrator] = []
+        try:
+            state = tmp / "orchestrator-state"
+            env = agent_environment(tmp / "orchestrator-home", {
+                "CHIFFON_BROKER_URL": url, "CHIFFON_STATE_DIR": str(state),
+                "CHIFFON_LOG_LEVEL": "INFO"})
 
-        def start(n: int) -> Orchestrator:
-            orchestrator = start_orchestrator(env, tmp / f"orchestrator-{n}.log")
-            orchestrators.append(orchestrator)
-            return orchestrator
+            def start(n: int) -> Orchestrator:
+                orchestrator = start_orchestrator(env, tmp / f"orchestrator-{n}.log")
+                orchestrators.append(orchestrator)
+                return orchestrator
 
-        def consuming(orchestrator: Orchestrator) -> bool:
-            assert orchestrator.popen.poll() is None, orchestrator.log()
-            return f"consuming {HEARTBEAT_QUEUE} on" in orchestrator.log()
+            def consuming(orchestrator: Orchestrator) -> bool:
+                assert orchestrator.popen.poll() is None, orchestrator.log()
+                return f"consuming {HEARTBEAT_QUEUE} on" in orchestrator.log()
 
-        first = start(1)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not consuming(first):
-            assert time.monotonic() < deadline, first.log()
-            time.sleep(0.05)
-        registry = Registry(f"sqlite:///{state / 'registry.sqlite3'}")
-        agent_id = unique("t-agent")
+            first = start(1)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not consuming(first):
+                assert time.monotonic() < deadline, first.log()
+                time.sleep(0.05)
+            registry = Registry(f"sqlite:///{state / 'registry.sqlite3'}")
+            agent_id = unique("t-agent")
 
-        def stored_seq() -> int:
+            def stored_seq() -> int:
+                record = registry.agent(agent_id, with_snapshot=False)
+                return record.seq if record is not None else 0
+
+            tap = HeartbeatTap(url, agent_id)  # bound before the agent starts: sees seq 1
+            agent = start_agent(tmp, url, agent_id=agent_id, interval=INTERVAL_S,
+                                extra_env={"CHIFFON_HEARTBEAT_TIMEOUT_SECONDS": f"{TIMEOUT_S:g}"})
+            agent.wait_ready()
+            _wait(tap, lambda: stored_seq() >= 3, 20, "3 heartbeats in the registry")
+
+            first_exit = first.stop()
+            down_at = time.time()
+            seq_at_down = stored_seq()
+            depths: list[tuple[float, int]] = []
+            while time.time() < down_at + DOWN_S:
+                tap.drain(0.2)
+                depths.append((time.time(), queue_depth(url, HEARTBEAT_QUEUE)))
+
+            second = start(2)
+            _wait(tap, lambda: consuming(second), START_TIMEOUT_S, "the orchestrator to return")
+            back_at = time.time()
+            _wait(tap, lambda: stored_seq() >= _newest_seq(tap) > seq_at_down + DOWN_S, 15,
+                  "the registry to catch up with the agent")
+            tap.drain(2 * INTERVAL_S)
+
+            newest_before = _newest_seq(tap)
+            shown = subprocess.run([str(CHIFFON), "status", "--json"], env=env,
+                                   capture_output=True, text=True, timeout=60, check=False)
             record = registry.agent(agent_id, with_snapshot=False)
-            return record.seq if record is not None else 0
-
-        tap = HeartbeatTap(url, agent_id)  # bound before the agent starts: sees seq 1
-        agent = start_agent(tmp, url, agent_id=agent_id, interval=INTERVAL_S,
-                            extra_env={"CHIFFON_HEARTBEAT_TIMEOUT_SECONDS": f"{TIMEOUT_S:g}"})
-        agent.wait_ready()
-        _wait(tap, lambda: stored_seq() >= 3, 20, "3 heartbeats in the registry")
-
-        first_exit = first.stop()
-        down_at = time.time()
-        seq_at_down = stored_seq()
-        depths: list[tuple[float, int]] = []
-        while time.time() < down_at + DOWN_S:
-            tap.drain(0.2)
-            depths.append((time.time(), queue_depth(url, HEARTBEAT_QUEUE)))
-
-        second = start(2)
-        _wait(tap, lambda: consuming(second), START_TIMEOUT_S, "the orchestrator to return")
-        back_at = time.time()
-        _wait(tap, lambda: stored_seq() >= _newest_seq(tap) > seq_at_down + DOWN_S, 15,
-              "the registry to catch up with the agent")
-        tap.drain(2 * INTERVAL_S)
-
-        newest_before = _newest_seq(tap)
-        shown = subprocess.run([str(CHIFFON), "status", "--json"], env=env,
-                               capture_output=True, text=True, timeout=60, check=False)
-        record = registry.agent(agent_id, with_snapshot=False)
-        tap.drain(0.3)
-        newest_after = _newest_seq(tap)
-        registry.close()
-        assert shown.returncode == 0, shown.stderr
-        status = {entry["agent_id"]: entry for entry in json.loads(shown.stdout)}
-        assert agent_id in status, shown.stdout
-        assert record is not None
-        second_exit = second.stop()
-        yield ConsumerOutage(agent, agent.log(), list(tap.received), down_at, back_at,
-                             seq_at_down, depths, status[agent_id], newest_before,
-                             newest_after, record, second.log(), (first_exit, second_exit))
-    finally:
-        for orchestrator in orchestrators:
-            orchestrator.stop()
-        if agent is not None:
-            agent.stop()
-        if tap is not None:
-            tap.close()
-        rabbitmqctl("delete_vhost", vhost)  # its queues and exchanges go with it
+            tap.drain(0.3)
+            newest_after = _newest_seq(tap)
+            registry.close()
+            assert shown.returncode == 0, shown.stderr
+            status = {entry["agent_id"]: entry for entry in json.loads(shown.stdout)}
+            assert agent_id in status, shown.stdout
+            assert record is not None
+            second_exit = second.stop()
+            yield ConsumerOutage(agent, agent.log(), list(tap.received), down_at, back_at,
+                                 seq_at_down, depths, status[agent_id], newest_before,
+                                 newest_after, record, second.log(), (first_exit, second_exit))
+        finally:
+            for orchestrator in orchestrators:
+                orchestrator.stop()
+            if agent is not None:
+                agent.stop()
+            if tap is not None:
+                tap.close()
 
 
 def test_the_agent_keeps_publishing_heartbeats_on_time_while_the_orchestrator_is_down(
