@@ -1,4 +1,11 @@
-"""Memory metrics from psutil, capped by a cgroup memory limit. Units: GiB and percent."""
+"""Memory metrics from psutil, capped by a cgroup memory limit. Units: GiB and percent.
+
+Under a cgroup limit smaller than the host's memory, total is the limit and available is
+``limit - working set`` where working set = usage - inactive page cache (``inactive_file``,
+v1 ``total_inactive_file``), as kubelet, cAdvisor and ``docker stats`` count it: the kernel
+reclaims that cache before it OOM-kills. Available is floored at 0 and never above the host's
+available memory. Where ``memory.stat`` is unreadable, working set = usage.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,14 @@ from chiffon_worker.metrics.gpu_types import bytes_to_gib
 
 #: How long a cgroup memory limit is trusted before being looked up again (seconds).
 LIMIT_TTL_SECONDS = 30.0
+
+
+def cgroup_available_bytes(limit: MemoryLimit, host_available: int) -> int:
+    """Bytes this cgroup may still use: ``limit - working set`` (the whole limit where usage is
+    unreadable), floored at 0 and capped by the host's available bytes."""
+    working_set = limit.working_set_bytes()
+    headroom = limit.limit_bytes - working_set if working_set is not None else limit.limit_bytes
+    return max(0, min(host_available, headroom))
 
 
 class MemoryMetrics:
@@ -37,9 +52,7 @@ class MemoryMetrics:
         limit = self._cgroup_limit()
         if limit is not None and limit.limit_bytes < total:
             total = limit.limit_bytes
-            usage = limit.usage_bytes()
-            headroom = total - usage if usage is not None else total
-            available = max(0, min(available, headroom))
+            available = cgroup_available_bytes(limit, available)
         percent = 100.0 * (total - available) / total if total else 0.0
         return {
             "memory_percent": round(percent, 1),

@@ -73,7 +73,7 @@ def test_one_and_a_half_cpu_quota_gives_effective_cores(
     sample = CpuMetrics(str(root), no_proc(tmp_path)).sample()
     assert sample["cpu_cores_physical"] == 8
     assert sample["cpu_cores_effective"] == 1.5
-    assert sample["cpu_cores_available"] == 1.0  # max(1, 1.5 - 2.0)
+    assert sample["cpu_cores_available"] == 1.0  # max(min(1, 1.5), 1.5 - min(2.0, 1.5))
 
 
 def test_available_cores_are_effective_minus_load(tmp_path: Path, eight_cores: None) -> None:
@@ -166,5 +166,7 @@ def test_this_machine_reports_sane_numbers() -> None:
     cpu = CpuMetrics().sample()
     memory = MemoryMetrics().sample()
     assert 1 <= cpu["cpu_cores_physical"] <= 4096
-    assert cpu["cpu_cores_available"] >= 1
+    # under a quota below one CPU the floor is the quota, not one core
+    assert cpu["cpu_cores_available"] >= min(1.0, cpu["cpu_cores_effective"])
+    assert cpu["cpu_busy_source"] in ("load", "cgroup")
     assert 0 < memory["memory_available_gb"] <= memory["memory_total_gb"]
