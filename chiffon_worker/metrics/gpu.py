@@ -28,6 +28,9 @@ from typing import Literal, Protocol
 
 from chiffon_worker.errors import GpuProbeError, GpuSourceUnavailable, ProbeTimeout
 from chiffon_worker.metrics.amd import AmdSysfsSource
+from chiffon_worker.metrics.drm_clients import DrmClientScanner
+from chiffon_worker.metrics.gpu_health import assess
+from chiffon_worker.metrics.gpu_processes import OwnerClassifier
 from chiffon_worker.metrics.gpu_types import (
     EMPTY_READING,
     GpuDevice,
@@ -74,19 +77,23 @@ class GpuProber:
     Subprocess sources (nvidia-smi, rocm-smi) get whatever is left of ``timeout_s``
     seconds; in-process sources (NVML, sysfs) are bounded by the caller's thread (see
     :class:`GpuMetrics`). Sources are injectable for tests; defaults read the real
-    machine under ``sysfs_root``.
+    machine under ``sysfs_root`` (GPU processes of AMD and Intel under ``proc_root``).
     """
 
     def __init__(self, sysfs_root: str = "/sys", timeout_s: float = 5.0, *,
                  nvml: GpuSource | None = None, nvidia_smi: GpuSource | None = None,
                  amd: GpuSource | None = None, intel: GpuSource | None = None,
-                 respect_runtime_suspend: bool = True, clock: Clock = time.monotonic) -> None:
+                 respect_runtime_suspend: bool = True, clock: Clock = time.monotonic,
+                 proc_root: str = "/proc") -> None:
         self.sysfs_root = sysfs_root
         self.timeout_s = timeout_s
         self.nvml: GpuSource = nvml if nvml is not None else shared_source()
         self.nvidia_smi: GpuSource = nvidia_smi if nvidia_smi is not None else NvidiaSmiSource()
-        self.amd: GpuSource = amd if amd is not None else AmdSysfsSource(sysfs_root)
-        self.intel: GpuSource = intel if intel is not None else IntelSysfsSource(sysfs_root)
+        clients = DrmClientScanner(proc_root)  # one /proc scan serves AMD and Intel
+        self.amd: GpuSource = amd if amd is not None else AmdSysfsSource(
+            sysfs_root, proc_root=proc_root, clients=clients)
+        self.intel: GpuSource = intel if intel is not None else IntelSysfsSource(
+            sysfs_root, proc_root=proc_root, clients=clients)
         self.respect_runtime_suspend = respect_runtime_suspend
         self._clock = clock
 
@@ -108,7 +115,8 @@ class GpuProber:
         return source.read(max(0.0, deadline - self._clock()))
 
     def probe(self) -> GpuReading:
-        """Every GPU every source sees. Per-source failures go to ``errors``; raises
+        """Every GPU every source sees, with its processes' owners and its health set.
+        Per-source failures go to ``errors``; raises
         :class:`~chiffon_worker.errors.ProbeTimeout` if any source ran out of time."""
         deadline = self._clock() + self.timeout_s
         devices: list[GpuDevice] = []
@@ -134,7 +142,8 @@ class GpuProber:
                     errors.append(str(exc))
         if timeouts:
             raise ProbeTimeout("; ".join(timeouts))
-        found = tuple(devices)
+        classifier = OwnerClassifier()
+        found = tuple(assess(classifier.classify(d)) for d in devices)
         return GpuReading(devices=found, sources=_unique_sources(found), errors=tuple(errors))
 
     def close(self) -> None:

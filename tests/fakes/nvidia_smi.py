@@ -5,6 +5,10 @@ marker, and returns a :class:`FakeTool`; ``install(monkeypatch)`` prepends that 
 ``PATH``. Output shapes are those of gpu-samples.md. Every script appends a line to
 ``calls.log`` beside it on each run, so tests can count invocations; processes of a fake
 can be found with :func:`running` (by the marker in their command line).
+
+A fake ``nvidia-smi`` answers its two query kinds apart (it switches on its arguments):
+the GPU query (``--query-gpu=...``) and the process query (``--query-compute-apps=...``).
+``calls.log`` holds each run's arguments, one run a line.
 """
 
 from __future__ import annotations
@@ -20,13 +24,42 @@ from pathlib import Path
 import psutil
 import pytest
 
-# gpu-samples.md: `nvidia-smi --query-gpu=index,name,memory.total,memory.free,
-# utilization.gpu,temperature.gpu --format=csv,noheader,nounits`
-TWO_GPUS = ("0, NVIDIA GeForce RTX 4090, 24564, 23791, 2, 38\n"
-            "1, NVIDIA GeForce RTX 3090, 24576, 24245, 0, 31\n")
-MIG_A100 = "0, NVIDIA A100-SXM4-80GB, 81920, 45383, [N/A], 33\n"
-UNIFIED_MEMORY = "0, NVIDIA GB10, [N/A], [N/A], 3, 41\n"
+#: The argument that tells nvidia-smi's process query apart from its GPU query.
+APPS_QUERY = "--query-compute-apps="
+
+# The GPU query nvidia_smi.QUERY_ARGS asks (gpu-samples.md's six fields first, then the
+# depth fields): index, name, memory.total, memory.free, utilization.gpu, temperature.gpu,
+# uuid, power.draw, enforced.power.limit, clocks_throttle_reasons.active,
+# ecc.errors.uncorrected.volatile.total. Fields are separated by ", "; memory is MiB.
+UUID_4090 = "GPU-5c2b7f4e-1f0a-4d2b-9a41-7e3c1b2d9f10"
+UUID_3090 = "GPU-a8d1c3e2-77b4-4e0f-8c5d-2f6b9e1a4c33"
+UUID_A100 = "GPU-0e9b7c61-3a52-4f18-b6d7-91c4e2a8f005"
+UUID_GB10 = "GPU-7f3a1d92-c4e6-4b08-a1f5-5d2e8c9b6a47"
+LINE_4090 = (f"0, NVIDIA GeForce RTX 4090, 24564, 23791, 2, 38, {UUID_4090}, 31.42, 450.00, "
+             "0x0000000000000000, [N/A]")
+LINE_3090 = (f"1, NVIDIA GeForce RTX 3090, 24576, 24245, 0, 31, {UUID_3090}, 22.17, 350.00, "
+             "0x0000000000000001, [N/A]")
+TWO_GPUS = f"{LINE_4090}\n{LINE_3090}\n"
+MIG_A100 = (f"0, NVIDIA A100-SXM4-80GB, 81920, 45383, [N/A], 33, {UUID_A100}, 61.05, 400.00, "
+            "0x0000000000000001, 0\n")
+UNIFIED_MEMORY = (f"0, NVIDIA GB10, [N/A], [N/A], 3, 41, {UUID_GB10}, [N/A], [N/A], "
+                  "0x0000000000000000, [N/A]\n")
+# gpu-samples.md: the original six-field query
+# (`--query-gpu=index,name,memory.total,memory.free,utilization.gpu,temperature.gpu`).
+TWO_GPUS_SHORT = ("0, NVIDIA GeForce RTX 4090, 24564, 23791, 2, 38\n"
+                  "1, NVIDIA GeForce RTX 3090, 24576, 24245, 0, 31\n")
 GARBAGE = "NVIDIA-SMI couldn't find libnvidia-ml.so library in your system.\n"
+# `--query-compute-apps=gpu_uuid,pid,process_name,used_memory`: used_memory is MiB.
+APPS_ON_4090 = (f"{UUID_4090}, 4242, /usr/bin/python3, 1536\n"
+                f"{UUID_4090}, 5151, /usr/local/bin/ollama, 20480\n")
+APPS_UNDER_MIG = f"{UUID_A100}, 6161, /usr/bin/python3, [N/A]\n"
+# An old driver asked for a field it does not know (exit status 2, message on stdout).
+UNKNOWN_FIELD_MESSAGE = ('Field "clocks_throttle_reasons.active" is not a valid field to query.'
+                         "\n\n")
+# One GPU fell off the bus: the healthy GPU's line on stdout, the lost one on stderr, exit 15.
+LOST_BUS_ID = "0000:3B:00.0"
+LOST_GPU_STDERR = (f"Unable to determine the device handle for GPU{LOST_BUS_ID}: GPU is lost. "
+                   "Reboot the system to recover this GPU\n")
 
 # Documented exit statuses with the message each prints (18 prints on stdout).
 EXIT_MESSAGES = {
@@ -52,10 +85,20 @@ class FakeTool:
         monkeypatch.setenv("PATH", f"{self.directory}:{_base_path()}")
 
     @property
-    def calls(self) -> int:
-        """How many times the script has started."""
+    def runs(self) -> list[str]:
+        """The arguments of every run so far, one string a run, in order."""
         log = self.directory / "calls.log"
-        return len(log.read_text().splitlines()) if log.exists() else 0
+        return log.read_text().splitlines() if log.exists() else []
+
+    @property
+    def calls(self) -> int:
+        """How many times the script has started, not counting process queries
+        (``--query-compute-apps``): for nvidia-smi, the GPU queries it answered."""
+        return sum(1 for run in self.runs if APPS_QUERY not in run)
+
+    def runs_with(self, fragment: str) -> int:
+        """How many runs had ``fragment`` in their arguments."""
+        return sum(1 for run in self.runs if fragment in run)
 
 
 def _base_path() -> str:
@@ -69,18 +112,59 @@ def write_tool(tmp_path: Path, body: str, name: str = "nvidia-smi") -> FakeTool:
     directory.mkdir(parents=True)
     path = directory / name
     log = shlex.quote(str(directory / "calls.log"))
-    path.write_text(f"#!/bin/sh\necho run >> {log}\n{body}\n")
+    path.write_text(f"#!/bin/sh\necho \"run $*\" >> {log}\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return FakeTool(directory, path, marker)
 
 
-def printing(tmp_path: Path, stdout: str, stderr: str = "", exit_code: int = 0,
-             name: str = "nvidia-smi") -> FakeTool:
-    """A tool that prints ``stdout``/``stderr`` verbatim and exits with ``exit_code``."""
-    body = (f"printf '%s' {shlex.quote(stdout)}\n"
+def _answer(stdout: str, stderr: str = "", exit_code: int = 0) -> str:
+    """Shell lines printing ``stdout``/``stderr`` verbatim, then exiting ``exit_code``."""
+    return (f"printf '%s' {shlex.quote(stdout)}\n"
             f"printf '%s' {shlex.quote(stderr)} >&2\n"
             f"exit {exit_code}")
-    return write_tool(tmp_path, body, name)
+
+
+def _by_query(gpu_query: str, apps_query: str) -> str:
+    """Shell ``case`` running ``apps_query`` for the process query, else ``gpu_query``."""
+    return (f'case "$*" in\n'
+            f"  *{APPS_QUERY}*)\n{apps_query}\n  ;;\n"
+            f"  *)\n{gpu_query}\n  ;;\n"
+            "esac")
+
+
+def nvidia_smi(tmp_path: Path, gpus: str = TWO_GPUS, apps: str = "", *, stderr: str = "",
+               exit_code: int = 0, apps_stderr: str = "", apps_exit_code: int = 0,
+               apps_seconds: float = 0) -> FakeTool:
+    """nvidia-smi answering the GPU query with ``gpus``/``stderr``/``exit_code`` and the
+    process query with ``apps``/``apps_stderr``/``apps_exit_code``, after sleeping
+    ``apps_seconds`` (a process query that hangs)."""
+    apps_query = _answer(apps, apps_stderr, apps_exit_code)
+    if apps_seconds:
+        apps_query = f"sleep {apps_seconds}\n{apps_query}"
+    return write_tool(tmp_path, _by_query(_answer(gpus, stderr, exit_code), apps_query))
+
+
+def old_driver(tmp_path: Path, gpus: str = TWO_GPUS_SHORT) -> FakeTool:
+    """nvidia-smi of a driver that knows only the six original fields: a query naming
+    ``clocks_throttle_reasons.active`` exits 2 (:data:`UNKNOWN_FIELD_MESSAGE`), any other
+    GPU query prints ``gpus``."""
+    body = (f'case "$*" in\n'
+            f"  *clocks_throttle_reasons*)\n{_answer(UNKNOWN_FIELD_MESSAGE, '', 2)}\n  ;;\n"
+            f"  *)\n{_answer(gpus)}\n  ;;\n"
+            "esac")
+    return write_tool(tmp_path, body)
+
+
+def printing(tmp_path: Path, stdout: str, stderr: str = "", exit_code: int = 0,
+             name: str = "nvidia-smi") -> FakeTool:
+    """A tool that prints ``stdout``/``stderr`` verbatim and exits with ``exit_code``.
+
+    Named ``nvidia-smi``, it does so for the GPU query and finds no process for the
+    process query (empty output, exit 0), as :func:`nvidia_smi` does.
+    """
+    if name == "nvidia-smi":
+        return nvidia_smi(tmp_path, stdout, stderr=stderr, exit_code=exit_code)
+    return write_tool(tmp_path, _answer(stdout, stderr, exit_code), name)
 
 
 def failing(tmp_path: Path, exit_code: int) -> FakeTool:
@@ -96,12 +180,13 @@ def sleeping(tmp_path: Path, seconds: float = 600) -> FakeTool:
 
 
 def hangs_after_first(tmp_path: Path, stdout: str = TWO_GPUS, seconds: float = 600) -> FakeTool:
-    """nvidia-smi that answers ``stdout`` once, then hangs on every later run."""
+    """nvidia-smi that answers the GPU query with ``stdout`` once, then hangs on every
+    later GPU query; its process query always finds no process at once."""
     flag = "$(dirname \"$0\")/answered"
-    body = (f"if [ -e {flag} ]; then sleep {seconds}; exit 0; fi\n"
-            f"touch {flag}\n"
-            f"printf '%s' {shlex.quote(stdout)}")
-    return write_tool(tmp_path, body)
+    gpu_query = (f"if [ -e {flag} ]; then sleep {seconds}; exit 0; fi\n"
+                 f"touch {flag}\n"
+                 f"printf '%s' {shlex.quote(stdout)}")
+    return write_tool(tmp_path, _by_query(gpu_query, "exit 0"))
 
 
 def escaping_pipe_holder(tmp_path: Path, seconds: float = 600) -> FakeTool:

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.fakes.nvidia_smi import LINE_4090
 from tests.integration.helpers import Agent, HeartbeatTap, delete_agent_queues, start_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,7 +28,7 @@ INTERVAL = 1.0
 #: A heartbeat may arrive this much later than one interval after the previous one
 #: (2-core CI machine, every process of the suite competing).
 LATE_TOLERANCE = 1.5
-GOOD_LINE = "0, NVIDIA GeForce RTX 4090, 24564, 23791, 2, 38"
+GOOD_LINE = LINE_4090  # "0, NVIDIA GeForce RTX 4090, 24564, 23791, 2, 38, <uuid>, ..."
 GOOD_TOTAL_GB = round(24564 / 1024, 3)
 GOOD_FREE_GB = round(23791 / 1024, 3)
 
@@ -35,7 +36,8 @@ FAKE_TOOL = """#!/bin/bash
 # fake nvidia-smi driven by a mode file: {marker}
 mode=$(cat '{mode_file}' 2>/dev/null)
 case "$mode" in
-  ok) echo '{good}'; exit 0 ;;
+  ok) case "$*" in *query-compute-apps*) exit 0 ;; esac  # no GPU processes
+      echo '{good}'; exit 0 ;;
   lost) echo 'Unable to determine the device handle for GPU0000:01:00.0: GPU is lost.' >&2
         exit 15 ;;
   mismatch) echo 'Failed to initialize NVML: Driver/library version mismatch'; exit 18 ;;

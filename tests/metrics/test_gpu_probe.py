@@ -21,7 +21,8 @@ import pytest
 from chiffon_worker.errors import GpuSourceUnavailable, ProbeTimeout
 from chiffon_worker.metrics import bounded_subprocess as bs
 from chiffon_worker.metrics.gpu import GpuMetrics, GpuProber
-from chiffon_worker.metrics.gpu_types import GpuDevice, GpuSample, flat_gpu_keys
+from chiffon_worker.metrics.gpu_snapshot import gpu_keys
+from chiffon_worker.metrics.gpu_types import GpuDevice, GpuSample
 from chiffon_worker.metrics.nvml import NvmlSource, shared_source
 from tests.fakes import fake_pynvml as fnv
 from tests.fakes import nvidia_smi as fake
@@ -134,7 +135,7 @@ def test_every_vendor_goes_into_one_reading_and_primary_is_most_vram(
                             sysfs.nvidia_card("0000:01:00.0"))
     nvml, _ = nvml_with(fnv.RTX4090_V2, fnv.RTX3090)
     sample = make_metrics(str(root), nvml=nvml).sample()
-    keys = flat_gpu_keys(sample)
+    keys = gpu_keys(sample)
     assert sample.reading.sources == ("nvml", "amd-sysfs", "intel-sysfs")
     assert [(g["vendor"], g["index"]) for g in keys["gpus"]] == [
         ("nvidia", 0), ("nvidia", 1), ("amd", 0), ("amd", 1), ("intel", 2)]
@@ -163,34 +164,43 @@ def test_two_nvidia_smi_gpus_give_exact_snapshot_keys(
         root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         make_metrics: Callable[..., GpuMetrics]) -> None:
     fake.printing(tmp_path, fake.TWO_GPUS).install(monkeypatch)
-    keys = flat_gpu_keys(make_metrics(root).sample())
+    keys = gpu_keys(make_metrics(root).sample())
     probe = keys.pop("gpu_probe")
-    assert keys == {
+    gpus = keys.pop("gpus")
+    assert {k: keys[k] for k in ("gpu_vram_total_gb", "gpu_vram_available_gb", "gpu_type",
+                                 "gpu_count", "gpu_vram_known", "gpu_health")} == {
         "gpu_vram_total_gb": mib_gib(24576),  # the 3090: 24576 MiB > the 4090's 24564 MiB
         "gpu_vram_available_gb": mib_gib(24245),
         "gpu_type": "nvidia",
         "gpu_count": 2,
-        "gpus": [
-            {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
-             "vram_total_gb": mib_gib(24564), "vram_available_gb": mib_gib(23791),
-             "utilization_percent": 2.0, "temperature_c": 38.0, "source": "nvidia-smi",
-             "error": None},
-            {"index": 1, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 3090",
-             "vram_total_gb": mib_gib(24576), "vram_available_gb": mib_gib(24245),
-             "utilization_percent": 0.0, "temperature_c": 31.0, "source": "nvidia-smi",
-             "error": None},
-        ],
+        "gpu_vram_known": True,
+        "gpu_health": "ok",
     }
+    first_six = ("index", "vendor", "name", "vram_total_gb", "vram_available_gb",
+                 "utilization_percent", "temperature_c", "source", "error", "uuid")
+    assert [{k: g[k] for k in first_six} for g in gpus] == [
+        {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+         "vram_total_gb": mib_gib(24564), "vram_available_gb": mib_gib(23791),
+         "utilization_percent": 2.0, "temperature_c": 38.0, "source": "nvidia-smi",
+         "error": None, "uuid": fake.UUID_4090},
+        {"index": 1, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 3090",
+         "vram_total_gb": mib_gib(24576), "vram_available_gb": mib_gib(24245),
+         "utilization_percent": 0.0, "temperature_c": 31.0, "source": "nvidia-smi",
+         "error": None, "uuid": fake.UUID_3090},
+    ]
+    assert [(g["processes"], g["health"]) for g in gpus] == [([], "ok"), ([], "ok")]
     assert (probe["state"], probe["source"], probe["error"]) == ("ok", "nvidia-smi", None)
     assert 0 <= probe["age_seconds"] < 0.5
 
 
 def test_machine_without_gpus_reports_absent_and_zeros(
         root: str, make_metrics: Callable[..., GpuMetrics]) -> None:
-    keys = flat_gpu_keys(make_metrics(root).sample())
+    keys = gpu_keys(make_metrics(root).sample())
     assert keys == {
-        "gpu_vram_total_gb": 0.0, "gpu_vram_available_gb": 0.0, "gpu_type": "none",
-        "gpu_count": 0, "gpus": [],
+        "gpu_vram_total_gb": 0.0, "gpu_vram_available_gb": 0.0, "gpu_vram_known": True,
+        "gpu_type": "none", "gpu_count": 0, "gpus": [], "gpu_health": "none",
+        "gpu_health_reason": None, "gpu_power_draw_w": None, "gpu_power_limit_w": None,
+        "gpu_processes": None, "gpu_foreign_processes": None, "gpu_foreign_memory_gb": None,
         "gpu_probe": {"state": "absent", "source": "none", "age_seconds": keys["gpu_probe"][
             "age_seconds"], "error": None},
     }
@@ -204,7 +214,7 @@ def test_every_present_source_failing_is_state_error_with_its_text(
     assert sample.state == "error"
     assert sample.error is not None
     assert sample.error.startswith("NVML: driver/library version mismatch")
-    assert flat_gpu_keys(sample)["gpu_type"] == "none"
+    assert gpu_keys(sample)["gpu_type"] == "none"
 
 
 def test_nvidia_smi_reporting_a_lost_gpu_is_state_error(
@@ -221,7 +231,7 @@ def test_one_lost_gpu_among_two_is_still_ok_with_that_device_marked(
     nvml, _ = nvml_with(fnv.RTX4090_V2, replace(fnv.RTX3090, lost=True))
     sample = make_metrics(root, nvml=nvml).sample()
     assert sample.state == "ok"
-    keys = flat_gpu_keys(sample)
+    keys = gpu_keys(sample)
     assert keys["gpu_vram_total_gb"] == gib(25757220864)
     assert keys["gpus"][1]["error"] is not None
 
@@ -315,7 +325,7 @@ def test_hung_nvidia_smi_times_out_on_time_and_later_calls_return_at_once(
         assert elapsed < 1.0 + 0.5
         assert first.state == "timeout"
         assert first.error is not None and "timed out" in first.error
-        assert flat_gpu_keys(first)["gpu_count"] == 0
+        assert gpu_keys(first)["gpu_count"] == 0
         second, elapsed = timed(gpu.sample)
         assert elapsed < 0.05
         assert second.state in ("timeout", "stale")
@@ -357,7 +367,7 @@ def test_nvidia_smi_hanging_after_a_success_serves_the_last_good_reading_as_stal
         assert stale.state == "stale"
         assert stale.reading == good.reading
         assert stale.age_seconds >= 61
-        keys = flat_gpu_keys(stale)
+        keys = gpu_keys(stale)
         assert (keys["gpu_vram_total_gb"], keys["gpu_vram_available_gb"]) == (
             mib_gib(24576), mib_gib(24245))
         assert keys["gpu_probe"]["state"] == "stale"
@@ -388,7 +398,7 @@ def test_in_process_hang_keeps_one_probe_in_flight_and_recovers_when_it_ends(
 
     recovered = wait_until(good_sample, 5, "a reading once the hung probe returned",
                            interval=0.01)
-    assert flat_gpu_keys(recovered)["gpu_vram_total_gb"] == gib(25757220864)
+    assert gpu_keys(recovered)["gpu_vram_total_gb"] == gib(25757220864)
 
 
 def test_state_changes_are_logged_once_at_warning(
@@ -421,7 +431,7 @@ def test_an_error_after_a_success_is_reported_as_error_not_stale(
     tool.path.write_text(lost.path.read_text())  # same tool, now the GPU fell off the bus
     clock.skip(61)
     sample = gpu.sample()
-    assert (sample.state, flat_gpu_keys(sample)["gpu_count"]) == ("error", 0)
+    assert (sample.state, gpu_keys(sample)["gpu_count"]) == ("error", 0)
 
 
 class ExplodingSource:
@@ -554,3 +564,20 @@ def test_a_forked_child_probes_again_instead_of_waiting_for_the_parents_thread(
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         gpu.close()
+
+
+def test_a_gpu_needing_a_reset_is_unhealthy_while_the_other_carries_the_snapshot(
+        root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_metrics: Callable[..., GpuMetrics]) -> None:
+    # The bigger 3090 needs a reset: nvidia-smi prints the NVML error text in its fields.
+    reset = ", ".join(["1", "NVIDIA GeForce RTX 3090"] + ["[GPU requires reset]"] * 4
+                      + [fake.UUID_3090] + ["[GPU requires reset]"] * 4)
+    fake.nvidia_smi(tmp_path, gpus=f"{fake.LINE_4090}\n{reset}\n").install(monkeypatch)
+    sample = make_metrics(root).sample()
+    keys = gpu_keys(sample)
+    assert sample.state == "ok" and keys["gpu_count"] == 2
+    assert (keys["gpu_vram_total_gb"], keys["gpu_vram_available_gb"]) == (
+        mib_gib(24564), mib_gib(23791))  # the healthy 4090, though the 3090 is bigger
+    assert keys["gpu_health"] == "unhealthy"
+    assert keys["gpu_health_reason"] == "gpu 1: nvidia-smi: GPU requires reset"
+    assert [g["health"] for g in keys["gpus"]] == ["ok", "unhealthy"]
