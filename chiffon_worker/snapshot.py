@@ -10,8 +10,8 @@ the rows ingest writes, the registry records' metric attributes, the Prometheus 
 Rules every field shares: numbers are JSON numbers (``bool`` is not one), finite, and
 not negative unless ``non_negative`` is False. ``_gb`` means GiB (2^30 bytes); times are
 unix seconds. A snapshot may carry keys not declared here (newer agents add some);
-fields with ``required=False`` are documented but never checked, so agents that omit
-them stay valid.
+fields with ``required=False`` may be omitted, so older agents stay valid; the top-level
+ones are checked when present (:data:`CHECKED_OPTIONAL_FIELDS`).
 
 This module is a leaf: plain data, no imports from the rest of the package.
 """
@@ -32,25 +32,34 @@ MAX_ID_LENGTH = 256
 GPU_TYPES = ("nvidia", "amd", "intel", "none")
 #: ``gpus[i].vendor`` values (a listed device always has a vendor).
 GPU_VENDORS = GPU_TYPES[:-1]
+#: ``gpu_health`` values: the worst health of the GPUs, ``none`` without a GPU.
+GPU_HEALTHS = ("ok", "degraded", "unhealthy", "none")
+#: ``gpus[i].health`` values.
+DEVICE_HEALTHS = GPU_HEALTHS[:-1]
+#: ``gpus[i].processes[j].owner`` values.
+PROCESS_OWNERS = ("agent", "foreign", "unknown")
+#: ``cpu_busy_source`` values: the host's 1-minute load average, or the cgroup's own usage.
+CPU_BUSY_SOURCES = ("load", "cgroup")
 #: ``gpu_probe.state`` values.
 PROBE_STATES = ("ok", "stale", "timeout", "error", "absent")
 
 NUMBER: tuple[type, ...] = (int, float)
 INTEGER: tuple[type, ...] = (int,)
 TEXT: tuple[type, ...] = (str,)
+BOOL: tuple[type, ...] = (bool,)
 OBJECT: tuple[type, ...] = (dict,)
 ARRAY: tuple[type, ...] = (list,)
 
 Section = Literal["envelope", "metric", "gpu", "gpu_probe"]
-SqlType = Literal["float", "integer", "bigint", "text"]
+SqlType = Literal["float", "integer", "bigint", "text", "boolean"]
 
 
 @dataclass(frozen=True, slots=True)
 class Column:
     """A field stored as a column of the registry's agents table.
 
-    ``sql``: ``float`` (double), ``integer`` (32-bit), ``bigint`` (64-bit) or ``text``
-    (at most ``length`` characters). ``history``: also kept, per heartbeat, in the
+    ``sql``: ``float`` (double), ``integer`` (32-bit), ``bigint`` (64-bit), ``boolean``
+    or ``text`` (at most ``length`` characters). ``history``: also kept, per heartbeat, in the
     history table (a series ``chiffon history`` plots).
     """
 
@@ -180,11 +189,14 @@ FIELDS: tuple[Field, ...] = (
     Field("cpu_cores_physical", "metric", INTEGER, "physical cores (logical where unknown)",
           label="cores", column=Column("integer"),
           gauge=Gauge("chiffon_agent_cpu_cores_physical", "physical cores")),
-    Field("cpu_cores_available", "metric", NUMBER, "max(1, usable cores - 1-minute load); "
-          "usable: physical, capped by CPU affinity and cgroup quota", label="cores free",
+    Field("cpu_cores_available", "metric", NUMBER, "usable cores minus busy cores "
+          "(cpu_cores_busy): on bare metal max(1, usable - 1-minute load); where a quota or "
+          "cpuset restricts the agent, max(min(1, usable), usable - the cgroup's own usage "
+          "rate); usable: physical, capped by CPU affinity, cpuset and cgroup quota",
+          label="cores free",
           column=Column("float", history=True),
           gauge=Gauge("chiffon_agent_cpu_cores_available",
-                      "cores free: max(1, usable cores - load)"),
+                      "cores free: usable cores - busy cores"),
           need=Need("cores", "free cores")),
     Field("memory_percent", "metric", NUMBER, "memory in use", unit="%", label="mem used",
           maximum=100.0),
@@ -207,11 +219,48 @@ FIELDS: tuple[Field, ...] = (
     Field("gpu_type", "metric", TEXT, "vendor of the primary GPU", label="gpu",
           choices=GPU_TYPES, column=Column("text", 16)),
     Field("gpu_count", "metric", INTEGER, "GPUs seen (the length of gpus)", label="gpus"),
-    # -- optional keys (as built): documented, never checked
+    # -- optional keys (as built): documented; checked only when present
     Field("agent_type", "envelope", TEXT, "the agent kind, e.g. desktop", required=False),
     Field("cpu_cores_effective", "metric", NUMBER, "usable cores (physical capped by "
           "affinity and cgroup quota) that cpu_cores_available is derived from",
           required=False),
+    Field("cpu_cores_busy", "metric", NUMBER, "busy cores subtracted from the usable ones: "
+          "the 1-minute load, or the cgroup's own CPU usage rate where a quota or cpuset "
+          "restricts the agent (see cpu_busy_source)", label="cores busy", required=False),
+    Field("cpu_busy_source", "metric", TEXT, "where cpu_cores_busy came from: load (host "
+          "1-minute load average) or cgroup (the cgroup's usage since the previous "
+          "snapshot)", label="busy from", choices=CPU_BUSY_SOURCES, required=False),
+    Field("gpu_vram_known", "metric", BOOL, "whether gpu_vram_available_gb is a fact; "
+          "false when the primary GPU does not tell its free VRAM (the number is then 0 "
+          "and means unknown: routing cannot promise VRAM there)", label="vram known",
+          required=False, column=Column("boolean")),
+    Field("gpu_health", "metric", TEXT, "the worst health of the GPUs: ok, degraded, "
+          "unhealthy, or none without a GPU", label="gpu health", choices=GPU_HEALTHS,
+          required=False, column=Column("text", 16)),
+    Field("gpu_health_reason", "metric", TEXT, "why gpu_health is not ok, naming the GPU",
+          label="gpu health reason", nullable=True, required=False),
+    Field("gpu_power_draw_w", "metric", NUMBER, "power drawn by all GPUs (null: no GPU "
+          "tells)", unit="W", label="gpu power", nullable=True, required=False,
+          column=Column("float"),
+          gauge=Gauge("chiffon_agent_gpu_power_draw_watts", "power drawn by all GPUs")),
+    Field("gpu_power_limit_w", "metric", NUMBER, "sum of the GPUs' enforced power limits "
+          "(null: no GPU tells)", unit="W", label="gpu power limit", nullable=True,
+          required=False, column=Column("float"),
+          gauge=Gauge("chiffon_agent_gpu_power_limit_watts", "enforced power limits")),
+    Field("gpu_processes", "metric", INTEGER, "processes using a GPU (null: no GPU lists "
+          "them)", label="gpu procs", nullable=True, required=False,
+          column=Column("integer"),
+          gauge=Gauge("chiffon_agent_gpu_processes", "processes using a GPU")),
+    Field("gpu_foreign_processes", "metric", INTEGER, "GPU processes that are not this "
+          "agent's work (a game, an ollama)", label="foreign procs", nullable=True,
+          required=False, column=Column("integer"),
+          gauge=Gauge("chiffon_agent_gpu_foreign_processes",
+                      "GPU processes that are not the agent's work")),
+    Field("gpu_foreign_memory_gb", "metric", NUMBER, "GPU memory held by foreign "
+          "processes", unit="GiB", label="foreign vram", nullable=True, required=False,
+          column=Column("float"),
+          gauge=Gauge("chiffon_agent_gpu_foreign_memory_bytes",
+                      "GPU memory held by foreign processes", GIB)),
     Field("signature", "envelope", TEXT, "HMAC-SHA256 of the snapshot when "
           "heartbeat_secret is set", required=False),
 )
@@ -236,6 +285,28 @@ GPU_ENTRY_FIELDS: tuple[Field, ...] = (
     Field("source", "gpu", TEXT, "the probe that saw it (nvml, nvidia-smi, amd-sysfs, ...)"),
     Field("error", "gpu", TEXT, "why this device alone could not be read", nullable=True,
           required=False),
+    Field("uuid", "gpu", TEXT, "the device's UUID where the source tells", nullable=True,
+          required=False),
+    Field("unified", "gpu", BOOL, "the GPU uses system memory (GB10-class NVIDIA, AMD "
+          "APU): its memory figures are what a job can get of the host's", required=False),
+    Field("power_draw_w", "gpu", NUMBER, "power drawn", unit="W", nullable=True,
+          required=False),
+    Field("power_limit_w", "gpu", NUMBER, "enforced power limit", unit="W", nullable=True,
+          required=False),
+    Field("throttle_reasons", "gpu", ARRAY, "active clock-throttle reasons by name "
+          "(null: not told)", nullable=True, required=False),
+    Field("ecc_uncorrected_volatile", "gpu", INTEGER, "uncorrected ECC errors since the "
+          "driver loaded (null: no ECC)", nullable=True, required=False),
+    Field("processes", "gpu", ARRAY, "processes using it: pid, name, memory_gb, owner "
+          "(agent, foreign or unknown); null: not told", nullable=True, required=False),
+    Field("mig", "gpu", ARRAY, "MIG instances: index, name, uuid, memory_total_gb, "
+          "memory_available_gb", required=False),
+    Field("field_errors", "gpu", ARRAY, "readings that failed, as 'field: reason'",
+          required=False),
+    Field("health", "gpu", TEXT, "ok, degraded or unhealthy", choices=DEVICE_HEALTHS,
+          required=False),
+    Field("health_reason", "gpu", TEXT, "why health is not ok", nullable=True,
+          required=False),
 )
 
 #: Keys of ``gpu_probe``; only ``state`` is checked (absent counts as not one of them).
@@ -249,6 +320,10 @@ GPU_PROBE_FIELDS: tuple[Field, ...] = (
     Field("error", "gpu_probe", TEXT, "what went wrong", nullable=True, required=False),
 )
 
+#: Optional top-level fields checked when present (they fill registry columns or carry
+#: choices), in declaration order.
+CHECKED_OPTIONAL_FIELDS: tuple[Field, ...] = tuple(
+    f for f in FIELDS if not f.required and (f.column is not None or f.choices or f.numeric))
 #: Every top-level field by key.
 FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 #: Required top-level fields (what every schema-1 snapshot carries), in check order.

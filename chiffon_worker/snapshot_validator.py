@@ -15,8 +15,9 @@ The declaration is compiled once, at import, into flat tuples. Checking a group 
 The first problem found is reported, always in the same order: the schema version;
 then each required key in declaration order (present, JSON type, finite, not
 negative); then identifiers, maxima, positives and choices (each in declaration order);
-then the relations between fields, in declaration order; then each ``gpus`` entry (its
-keys in order, then its choices); then ``gpu_probe``.
+then the relations between fields, in declaration order; then the optional keys that
+are present (:data:`~chiffon_worker.snapshot.CHECKED_OPTIONAL_FIELDS`); then each
+``gpus`` entry (its keys in order, then its choices); then ``gpu_probe``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any, NamedTuple
 
 from chiffon_worker.errors import ProtocolError
 from chiffon_worker.snapshot import (
+    BOOL,
+    CHECKED_OPTIONAL_FIELDS,
     GPU_ENTRY_FIELDS,
     GPU_PROBE_FIELDS,
     MAX_ID_LENGTH,
@@ -77,6 +80,8 @@ def check_identifier(key: str, value: str) -> None:
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
     """Whether ``value`` is one of the JSON ``types`` (a ``bool`` is never a number)."""
+    if types is BOOL:
+        return value.__class__ is bool
     return not isinstance(value, bool) and isinstance(value, types)
 
 
@@ -201,6 +206,24 @@ _RULES = _Rules(
 )
 
 
+def check_optional(field: Field, value: Any) -> None:
+    """An optional key that is present: of its type (or null where allowed), finite, not
+    negative, and one of its choices."""
+    if value is None and field.nullable:
+        return
+    if not _has_type(value, field.types):
+        expected = " or ".join(t.__name__ for t in field.types)
+        raise ProtocolError(field.name, f"must be {expected}{' or null' * field.nullable}, "
+                                        f"got {kind(value)}")
+    if field.numeric:
+        if not is_finite(value):
+            raise ProtocolError(field.name, "must be a finite number")
+        if value < 0 and field.non_negative:
+            raise ProtocolError(field.name, f"must not be negative, got {value}")
+    if field.choices and value not in field.choices:
+        raise ProtocolError(field.name, f"must be one of {', '.join(field.choices)}")
+
+
 def check_snapshot(snap: Mapping[str, Any]) -> None:
     """Raise :class:`ProtocolError` naming the first problem of ``snap`` (see the module
     docstring for the order); return None when it is a valid schema-1 snapshot."""
@@ -228,6 +251,10 @@ def check_snapshot(snap: Mapping[str, Any]) -> None:
                                          f"{len(snap[other])}")
         elif snap[key] > snap[other] + 1e-6:
             raise ProtocolError(key, f"exceeds {other}")
+    for field in CHECKED_OPTIONAL_FIELDS:
+        value = snap.get(field.name, _MISSING)
+        if value is not _MISSING:
+            check_optional(field, value)
     for position, gpu in enumerate(snap["gpus"]):
         if not isinstance(gpu, dict):
             raise ProtocolError(f"gpus[{position}]", "must be an object")

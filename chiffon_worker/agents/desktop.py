@@ -10,7 +10,7 @@ from chiffon_worker.agents.base import BaseAgent
 from chiffon_worker.config import Config
 from chiffon_worker.metrics.cpu import CpuMetrics
 from chiffon_worker.metrics.gpu import GpuMetrics
-from chiffon_worker.metrics.gpu_types import flat_gpu_keys
+from chiffon_worker.metrics.gpu_snapshot import HostMemory, gpu_keys
 from chiffon_worker.metrics.memory import MemoryMetrics
 from chiffon_worker.protocol import WorkRequest, WorkResult
 
@@ -42,15 +42,17 @@ class DesktopAgent(BaseAgent):
                                    timeout_s=self.config.gpu_detection_timeout_seconds)
         return self._cpu, self._memory, self._gpu
 
-    def _get_gpu_metrics(self) -> dict[str, Any]:
-        """GPU keys: returns within ``gpu_detection_timeout_seconds`` even if a probe hangs."""
-        return flat_gpu_keys(self._sources()[2].sample())
+    def _get_gpu_metrics(self, host: HostMemory | None = None) -> dict[str, Any]:
+        """GPU keys: returns within ``gpu_detection_timeout_seconds`` even if a probe hangs.
+        ``host``: the memory figures unified-memory GPUs report (default: none)."""
+        return gpu_keys(self._sources()[2].sample(), host)
 
     def _get_resource_metrics(self) -> dict[str, Any]:
         cpu, memory, _ = self._sources()
         metrics = cpu.sample()
         metrics.update(memory.sample())
-        metrics.update(self._get_gpu_metrics())
+        host = HostMemory(metrics["memory_total_gb"], metrics["memory_available_gb"])
+        metrics.update(self._get_gpu_metrics(host))
         return metrics
 
     def get_agent_capabilities(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from chiffon_worker.config import SYSTEM_CONFIG_FILE, USER_CONFIG_RELATIVE, Conf
 from chiffon_worker.errors import EXIT_OK, ChiffonError
 
 GPU_TABLE_HEADERS = ("#", "vendor", "name", "free GiB", "total GiB", "util %", "temp C",
-                     "source", "error")
+                     "power W", "procs", "source", "health")
 
 
 def add_agent_commands(subcommands: Subcommands) -> None:
@@ -64,20 +64,52 @@ def render_metrics(snap: dict[str, Any]) -> str:
         f"{snap['cpu_load_5min']:.2f} / {snap['cpu_load_15min']:.2f}",
         f"cores      {snap['cpu_cores_available']:g} available of "
         f"{snap.get('cpu_cores_effective', snap['cpu_cores_physical']):g} usable "
-        f"({snap['cpu_cores_physical']} physical)",
+        f"({snap['cpu_cores_physical']} physical)" + _busy(snap),
         f"memory     {snap['memory_available_gb']:.2f} GiB available of "
         f"{snap['memory_total_gb']:.2f} GiB ({snap['memory_percent']:.1f}% used)",
-        f"gpu        {snap['gpu_type']}: {snap['gpu_vram_available_gb']:.2f} GiB VRAM free of "
+        f"gpu        {snap['gpu_type']}: {_free_vram(snap)} of "
         f"{snap['gpu_vram_total_gb']:.2f} GiB, {snap['gpu_count']} device(s); probe "
         f"{probe['state']} via {probe['source']}"
         + (f" ({probe['error']})" if probe.get("error") else ""),
     ]
+    if snap.get("gpu_health") not in (None, "ok", "none"):
+        lines.append(f"gpu health {snap['gpu_health']}: {snap.get('gpu_health_reason')}")
     if snap["gpus"]:
         rows = [[g.get("index"), g.get("vendor"), g.get("name"), g.get("vram_available_gb"),
                  g.get("vram_total_gb"), g.get("utilization_percent"), g.get("temperature_c"),
-                 g.get("source"), g.get("error")] for g in snap["gpus"]]
+                 g.get("power_draw_w"), _processes(g), g.get("source"), _health(g)]
+                for g in snap["gpus"]]
         lines += ["", render_table(GPU_TABLE_HEADERS, rows)]
     return "\n".join(lines)
+
+
+def _busy(snap: dict[str, Any]) -> str:
+    busy, source = snap.get("cpu_cores_busy"), snap.get("cpu_busy_source")
+    if busy is None or source is None:
+        return ""
+    origin = "the cgroup's usage" if source == "cgroup" else "the 1-minute load"
+    return f"; {busy:g} busy by {origin}"
+
+
+def _free_vram(snap: dict[str, Any]) -> str:
+    if snap.get("gpu_vram_known") is False:
+        return "free VRAM unknown"
+    return f"{snap['gpu_vram_available_gb']:.2f} GiB VRAM free"
+
+
+def _processes(gpu: dict[str, Any]) -> str:
+    """``3 (1 foreign)``; ``-`` where the GPU does not list its processes."""
+    processes = gpu.get("processes")
+    if not isinstance(processes, list):
+        return "-"
+    foreign = sum(1 for p in processes if isinstance(p, dict) and p.get("owner") == "foreign")
+    return f"{len(processes)} ({foreign} foreign)" if foreign else str(len(processes))
+
+
+def _health(gpu: dict[str, Any]) -> str:
+    health = gpu.get("health") or ("unhealthy" if gpu.get("error") else "ok")
+    reason = gpu.get("health_reason") or gpu.get("error")
+    return f"{health}: {reason}" if reason and health != "ok" else str(health)
 
 
 # -- chiffon config show -------------------------------------------------------------------

@@ -41,19 +41,58 @@ class MetricColumn:
         if not isinstance(value, int | float):
             return str(value)
         shown = f"{value:.{self.digits}f}"
+        if self.field == "gpu_vram_available_gb" and record.metrics.get("gpu_vram_known") is False:
+            shown = "?"  # the agent does not know: not zero
         if self.total is None:
             return shown
         total = record.metrics[self.total]
         return f"{shown}/{total}" if isinstance(total, int) else f"{shown}/{total:.{self.digits}f}"
 
 
+@dataclass(frozen=True)
+class GpuColumn:
+    """The GPU vendor, with the worst GPU health when it is not ``ok``
+    (``nvidia unhealthy``)."""
+
+    header: str = "GPU"
+    field: str = "gpu_health"
+    total: str | None = None
+
+    def cell(self, record: AgentRecord) -> str:
+        if record.gpu_type == "none":
+            return "-"
+        health = record.metrics.get("gpu_health")
+        return record.gpu_type if health in (None, "ok", "none") \
+            else f"{record.gpu_type} {health}"
+
+
+@dataclass(frozen=True)
+class ForeignColumn:
+    """GPU processes that are not the agent's work, with the VRAM they hold:
+    ``2 (5.1 GiB)``; ``0``; ``-`` where the agent does not list GPU processes."""
+
+    header: str = "FOREIGN"
+    field: str = "gpu_foreign_processes"
+    total: str | None = None
+
+    def cell(self, record: AgentRecord) -> str:
+        count = record.metrics.get("gpu_foreign_processes")
+        if count is None or record.gpu_type == "none":
+            return "-"
+        memory = record.metrics.get("gpu_foreign_memory_gb")
+        if not count or not memory:
+            return str(count)
+        return f"{count} ({memory:.1f}{FIELDS_BY_NAME['gpu_foreign_memory_gb'].unit_suffix})"
+
+
 #: The capacity columns, after agent, host, pool, state and age.
-METRIC_COLUMNS = (
+METRIC_COLUMNS: tuple[MetricColumn | GpuColumn | ForeignColumn, ...] = (
     MetricColumn("CORES", "cpu_cores_available", "cpu_cores_physical"),
     MetricColumn("LOAD", "cpu_load_1min", digits=2),
     MetricColumn("MEM", "memory_available_gb", "memory_total_gb"),
-    MetricColumn("GPU", "gpu_type", gpu_only=True),
+    GpuColumn(),
     MetricColumn("VRAM", "gpu_vram_available_gb", "gpu_vram_total_gb", gpu_only=True),
+    ForeignColumn(),
 )
 TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
                  *(column.header for column in METRIC_COLUMNS))

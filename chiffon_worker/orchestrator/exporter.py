@@ -10,7 +10,12 @@ Per agent (labels ``agent_id``, ``hostname``, ``pool``): ``chiffon_agent_up``,
 a ``Gauge`` in :mod:`chiffon_worker.snapshot` (``chiffon_agent_cpu_load_1min``,
 ``chiffon_agent_cpu_cores_physical``, ``chiffon_agent_cpu_cores_available``,
 ``chiffon_agent_memory_available_bytes``, ``chiffon_agent_memory_total_bytes``,
-``chiffon_agent_gpu_vram_total_bytes``, ``chiffon_agent_gpu_vram_available_bytes``).
+``chiffon_agent_gpu_vram_total_bytes``, ``chiffon_agent_gpu_vram_available_bytes``,
+``chiffon_agent_gpu_power_draw_watts``, ``chiffon_agent_gpu_power_limit_watts``,
+``chiffon_agent_gpu_processes``, ``chiffon_agent_gpu_foreign_processes``,
+``chiffon_agent_gpu_foreign_memory_bytes``; a value that is unknown or that an older
+agent does not send is left out), and ``chiffon_agent_gpu_health`` (``state``: 1 for the
+worst health of its GPUs).
 
 Consumer: ``chiffon_heartbeats_accepted_total``, ``chiffon_heartbeats_rejected_total``
 (``reason``), ``chiffon_heartbeats_ignored_total`` (``reason``),
@@ -36,7 +41,7 @@ from chiffon_worker.orchestrator.decoding import REJECT_REASONS
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
 from chiffon_worker.orchestrator.liveness import LIVENESS_STATES
 from chiffon_worker.orchestrator.registry import Registry
-from chiffon_worker.snapshot import GAUGE_FIELDS
+from chiffon_worker.snapshot import GAUGE_FIELDS, GPU_HEALTHS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,9 @@ class OrchestratorCollector:
         age = GaugeMetricFamily("chiffon_agent_heartbeat_age_seconds",
                                 "seconds since the newest heartbeat was received",
                                 labels=_LABELS)
+        gpu_health = GaugeMetricFamily("chiffon_agent_gpu_health", "1 for the worst health "
+                                       "of the agent's GPUs (ok, degraded, unhealthy, none), "
+                                       "0 for the others", labels=[*_LABELS, "state"])
         gauges = [GaugeMetricFamily(name, text, labels=_LABELS) for _, name, text, _ in
                   _AGENT_GAUGES]
         restarts = CounterMetricFamily("chiffon_agent_restarts", "agent restarts seen",
@@ -105,12 +113,19 @@ class OrchestratorCollector:
                 liveness.add_metric([*labels, state], 1.0 if current == state else 0.0)
             age.add_metric(labels, record.age_seconds(now))
             for family, (key, _, _, scale) in zip(gauges, _AGENT_GAUGES, strict=True):
-                family.add_metric(labels, record.number(key) * scale)
+                value = record.metrics.get(key)
+                if value is not None:  # unknown, or not reported by an older agent
+                    family.add_metric(labels, float(value) * scale)
+            health = record.metrics.get("gpu_health")
+            if health is not None:
+                for level in GPU_HEALTHS:
+                    gpu_health.add_metric([*labels, level], 1.0 if health == level else 0.0)
             restarts.add_metric(labels, record.restarts)
             missed.add_metric(labels, record.missed)
         yield up
         yield liveness
         yield age
+        yield gpu_health
         yield from gauges
         yield restarts
         yield missed

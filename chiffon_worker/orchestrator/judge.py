@@ -30,7 +30,8 @@ from chiffon_worker.orchestrator.ingest_counters import CONFLICT, IngestStats
 from chiffon_worker.orchestrator.log_limiter import LimitedLog
 from chiffon_worker.orchestrator.sql_schema import (
     HISTORY_METRICS,
-    SNAPSHOT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
     check_storable,
 )
 from chiffon_worker.protocol import validate_snapshot
@@ -44,6 +45,18 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 IGNORED = "ignored"
+
+
+def legacy_vram_known(snap: Mapping[str, Any]) -> bool:
+    """Whether an older agent's (no ``gpu_vram_known`` key) free VRAM is a fact: its
+    primary GPU (the listed one with the most VRAM) gives ``vram_available_gb`` (older
+    agents sent 0 where it was null); true without GPUs."""
+    gpus = [g for g in snap.get("gpus", ()) if isinstance(g, dict)]
+    if not gpus:
+        return True
+    main = max(gpus, key=lambda g: (isinstance(g.get("vram_total_gb"), int | float),
+                                    g.get("vram_total_gb") or 0))
+    return isinstance(main.get("vram_available_gb"), int | float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +251,11 @@ class HeartbeatJudge:
 
     def _rows(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any], *,
               received_at: float, skew: float | None, text: str | None) -> Rows:
-        row = {name: snap[name] for name in SNAPSHOT_COLUMNS}
+        row = {name: snap[name] for name in REQUIRED_COLUMNS}
+        for name in OPTIONAL_COLUMNS:
+            row[name] = snap.get(name)
+        if "gpu_vram_known" not in snap:
+            row["gpu_vram_known"] = legacy_vram_known(snap)
         row["first_seen"] = memory.first_seen
         row["last_seen"] = received_at
         row["restarts"] = memory.restarts

@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -298,7 +299,28 @@ class Registry:
                 raise RegistryError(
                     f"registry {self.masked_url} has schema version {current}, newer than this "
                     f"chiffon understands ({sql_schema.SCHEMA_VERSION}); upgrade chiffon")
-            # versions below SCHEMA_VERSION would be migrated here, one step at a time
+            elif current < sql_schema.SCHEMA_VERSION:
+                self._upgrade(conn, current)
+
+    def _upgrade(self, conn: Connection, current: int) -> None:
+        """Migrate from ``current`` to :data:`sql_schema.SCHEMA_VERSION`, one step at a
+        time, in the caller's transaction (PostgreSQL: under the advisory lock)."""
+        if current < 2:
+            table = sql_schema.agents
+            present = {c["name"] for c in inspect(conn).get_columns(table.name,
+                                                                    schema=self.schema)}
+            preparer = conn.dialect.identifier_preparer
+            name = preparer.format_table(table)
+            if self.schema:
+                name = f"{preparer.quote_schema(self.schema)}.{name}"
+            for column in sql_schema.missing_agent_columns(present):
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {name} ADD COLUMN "
+                                  f"{preparer.quote(column.name)} {kind}"))
+            conn.execute(insert(sql_schema.schema_version),
+                         {"version": 2, "applied_at": time.time()})
+            log.info("upgraded registry %s to schema 2 (GPU health, power, processes)",
+                     self.masked_url)
 
     def schema_version(self) -> int:
         """The registry's current schema version."""

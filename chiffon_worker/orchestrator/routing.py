@@ -21,8 +21,11 @@ the primary GPU), ``cores`` (``cpu_cores_available``), ``memory_gb`` (GiB availa
 memory). Among online agents (of ``pool`` if given) that meet every need, the one with
 the most headroom wins: the largest ``min(available / needed)`` over the requested
 resources (with no positive need: the most free cores); ties go to the lowest agent id.
-Nothing is reserved: two quick submits may pick the same agent until its next heartbeat
-shows the load.
+An agent whose free VRAM is unknown (``gpu_vram_known`` false) never meets a positive
+``gpu_vram_gb`` need: it is neither free nor full, so nothing can be promised there. The
+flat VRAM figures come from the primary GPU that is not unhealthy, so a faulted GPU is
+never routed to. Nothing is reserved: two quick submits may pick the same agent until
+its next heartbeat shows the load.
 """
 
 from __future__ import annotations
@@ -87,14 +90,37 @@ def _fmt(value: float) -> str:
     return f"{round(value, 1):g}"
 
 
+#: Needs whose figure can be unknown, and the flag that says it is known.
+KNOWN_FLAGS = {"gpu_vram_gb": "gpu_vram_known"}
+
+
+def available(record: AgentRecord, key: str) -> float | None:
+    """What ``record`` has free of need ``key``; ``None`` when the agent does not know
+    (free VRAM of an Intel GPU, a runtime-suspended one): it cannot be promised."""
+    flag = KNOWN_FLAGS.get(key)
+    if flag is not None and record.metrics.get(flag) is False:
+        return None
+    return record.number(NEEDS[key].attribute)
+
+
 def _headroom(record: AgentRecord, needs: Mapping[str, float]) -> float:
-    ratios = [record.number(NEEDS[key].attribute) / need
-              for key, need in needs.items() if need > 0]
+    ratios = [(available(record, key) or 0.0) / need for key, need in needs.items() if need > 0]
     return min(ratios) if ratios else record.number("cpu_cores_available")
 
 
 def _fits(record: AgentRecord, needs: Mapping[str, float]) -> bool:
-    return all(record.number(NEEDS[key].attribute) >= need for key, need in needs.items())
+    for key, need in needs.items():
+        have = available(record, key)
+        if need > 0 and (have is None or have < need):
+            return False
+    return True
+
+
+def _has(record: AgentRecord, key: str) -> str:
+    have = available(record, key)
+    if have is None:
+        return f"unknown {NEEDS[key].noun}"
+    return f"{_fmt(have)}{NEEDS[key].unit} {NEEDS[key].noun}"
 
 
 def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
@@ -118,9 +144,8 @@ def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
             return record
     best = ranked[0]
     asked = " and ".join(f"{_fmt(v)}{NEEDS[k].unit} {NEEDS[k].noun}" for k, v in wanted.items())
-    short = [(k, v) for k, v in wanted.items() if best.number(NEEDS[k].attribute) < v]
-    has = ", ".join(f"{_fmt(best.number(NEEDS[k].attribute))}{NEEDS[k].unit} {NEEDS[k].noun}"
-                    for k, _ in short)
+    short = [k for k, v in wanted.items() if not _fits(best, {k: v})]
+    has = ", ".join(_has(best, k) for k in short)
     raise RoutingError(f"no online agent{where} has {asked}; best has {has} "
                        f"({best.agent_id})")
 

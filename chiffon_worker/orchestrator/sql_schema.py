@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     Integer,
@@ -36,7 +37,9 @@ from chiffon_worker.snapshot import STORED_FIELDS, Field
 from chiffon_worker.snapshot import Column as ColumnSpec
 
 #: The schema this code writes; bump it and add a migration when a table changes.
-SCHEMA_VERSION = 1
+#: 2: GPU health, power, processes and whether free VRAM is known (``agents`` columns
+#: added by :func:`missing_agent_columns`, NULL for agents that have not reported them).
+SCHEMA_VERSION = 2
 #: Largest values of the integer column types (``integer``: 32-bit, ``bigint``: 64-bit).
 INT_LIMITS = {"integer": (1 << 31) - 1, "bigint": (1 << 63) - 1}
 
@@ -50,6 +53,8 @@ def _sql_type(spec: ColumnSpec) -> TypeEngine[Any]:
         return Integer()
     if spec.sql == "bigint":
         return BigInteger()
+    if spec.sql == "boolean":
+        return Boolean(create_constraint=False)
     return Float()
 
 
@@ -59,8 +64,9 @@ _STORED: tuple[tuple[Field, ColumnSpec], ...] = tuple(
 
 
 def _snapshot_column(field: Field, spec: ColumnSpec) -> Column[Any]:
+    # optional fields are NULL for agents that do not send them
     return Column(field.name, _sql_type(spec), primary_key=spec.primary_key,
-                  nullable=field.nullable, index=spec.indexed or None)
+                  nullable=field.nullable or not field.required, index=spec.indexed or None)
 
 
 schema_version = Table(
@@ -121,6 +127,15 @@ conflicts = Table(
 
 #: Columns of ``agents`` copied straight from a snapshot's keys (``agent_id`` first).
 SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS)
+#: Those of them every snapshot carries, and those older agents may leave out.
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS if f.required)
+OPTIONAL_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS if not f.required)
+
+
+def missing_agent_columns(present: set[str]) -> list[Column[Any]]:
+    """The columns of ``agents`` a registry made by an older chiffon lacks, given the
+    names it has (the step from schema 1 to 2: every such column is nullable)."""
+    return [c for c in agents.columns if c.name not in present]
 #: Columns of ``history`` holding metrics (besides agent_id, slot, received_at).
 HISTORY_METRICS: tuple[str, ...] = tuple(f.name for f, spec in _STORED if spec.history)
 
@@ -137,7 +152,9 @@ def check_storable(snap: Mapping[str, Any]) -> None:
     message); such a heartbeat is rejected as invalid instead (ProtocolError).
     """
     for key in _TEXT_COLUMNS:
-        value: str = snap[key]
+        value: str | None = snap.get(key)
+        if value is None:
+            continue  # an optional column an older agent does not fill
         if not value.isascii():
             try:
                 value.encode("utf-8")
@@ -146,5 +163,6 @@ def check_storable(snap: Mapping[str, Any]) -> None:
         if "\x00" in value:
             raise ProtocolError(key, "must not contain NUL characters")
     for key, limit in _INT_COLUMNS:
-        if snap[key] > limit:
+        number = snap.get(key)
+        if number is not None and number > limit:
             raise ProtocolError(key, f"is larger than {limit}")

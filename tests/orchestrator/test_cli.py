@@ -146,13 +146,31 @@ def test_status_prints_a_table_and_filters_by_pool(
     out = capsys.readouterr().out
     header, desk, rig = out.splitlines()[:3]
     assert header.split() == ["AGENT", "HOST", "POOL", "STATE", "AGE", "CORES", "LOAD",
-                              "MEM", "GiB", "GPU", "VRAM", "GiB"]
+                              "MEM", "GiB", "GPU", "VRAM", "GiB", "FOREIGN"]
     assert desk.split()[:4] == ["desk-1", "host-desk-1", "desktop_pool_1", "online"]
     assert "20.5/24.0" in desk and "4.1/8" in desk and "3.90" in desk
     assert rig.split()[:4] == ["rig-1", "host-rig-1", "gpu_rigs", "lost"]
     assert "1 of 2 agents online" in out
     assert main(["status", "--json", "--pool", "gpu_rigs"]) == 0
     assert [a["agent_id"] for a in json.loads(capsys.readouterr().out)] == ["rig-1"]
+
+
+def test_status_shows_gpu_health_unknown_vram_and_foreign_gpu_use(
+        cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{Path(cli_env['CHIFFON_STATE_DIR']) / 'registry.sqlite3'}"
+    with Registry(url) as registry:
+        feeder = Feeder(registry)
+        feeder.snapshot(make_snapshot("gamer", gpu_health="degraded", gpu_processes=2,
+                                      gpu_foreign_processes=1, gpu_foreign_memory_gb=6.25),
+                        received_at=time.time())
+        feeder.snapshot(make_snapshot("laptop", vram_total_gb=0.0, vram_available_gb=0.0,
+                                      gpu_vram_known=False, gpu_health="ok"),
+                        received_at=time.time())
+        feeder.commit()
+    assert main(["status"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert "nvidia degraded" in rows["gamer"] and rows["gamer"].endswith("1 (6.2 GiB)")
+    assert "?/0.0" in rows["laptop"] and rows["laptop"].endswith("-")
 
 
 def test_history_draws_sparklines_of_load_memory_and_vram(

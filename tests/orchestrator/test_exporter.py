@@ -95,3 +95,28 @@ def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Feeder
     feeder.message(b"[]", {}, "application/json", received_at=NOW)
     assert scrape(server.port)["chiffon_heartbeats_rejected_total"][
         (("reason", "bad_envelope"),)] == 1.0, "counters are read at scrape time"
+
+
+def test_gpu_health_power_and_processes_are_exported_where_the_agent_reports_them(
+        sqlite_registry: Registry) -> None:
+    feeder = Feeder(sqlite_registry)
+    feeder.snapshot(make_snapshot("rig", gpu_health="degraded", gpu_power_draw_w=312.5,
+                                  gpu_power_limit_w=450.0, gpu_processes=3,
+                                  gpu_foreign_processes=1, gpu_foreign_memory_gb=6.25),
+                    received_at=NOW)
+    feeder.snapshot(make_snapshot("older-agent"), received_at=NOW)  # sends none of them
+    feeder.commit()
+    server = MetricsServer(OrchestratorCollector(sqlite_registry, feeder.stats), 0, "127.0.0.1")
+    try:
+        samples = scrape(server.port)
+    finally:
+        server.close()
+    rig = agent("rig")
+    assert samples["chiffon_agent_gpu_power_draw_watts"] == {rig: 312.5}
+    assert samples["chiffon_agent_gpu_power_limit_watts"] == {rig: 450.0}
+    assert samples["chiffon_agent_gpu_processes"] == {rig: 3}
+    assert samples["chiffon_agent_gpu_foreign_processes"] == {rig: 1}
+    assert samples["chiffon_agent_gpu_foreign_memory_bytes"] == {rig: 6.25 * GIB}
+    health = {dict(labels)["state"]: value
+              for labels, value in samples["chiffon_agent_gpu_health"].items()}
+    assert health == {"ok": 0.0, "degraded": 1.0, "unhealthy": 0.0, "none": 0.0}

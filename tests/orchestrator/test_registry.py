@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import create_engine, insert, text
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import sql_schema
 from chiffon_worker.orchestrator.registry import Registry
+from tests.conftest import POSTGRES_URL
 
 from . import feeding
 from .conftest import RegistryFactory
@@ -195,10 +196,47 @@ def test_a_registry_created_by_the_first_release_keeps_working(tmp_path: Path) -
     with sqlite3.connect(path) as conn:
         conn.executescript(FIRST_RELEASE_DDL)
     with Registry(f"sqlite:///{path}") as registry:
-        assert registry.schema_version() == 1
         feed(registry, make_snapshot("a1", seq=1, vram_available_gb=3.5, collected_at=T0),
              make_snapshot("a1", seq=2, vram_available_gb=4.5, collected_at=T0 + 30))
         record = registry.agent("a1")
         assert record is not None
         assert (record.seq, record.gpu_vram_available_gb) == (2, 4.5)
         assert [p.gpu_vram_available_gb for p in registry.history("a1")] == [3.5, 4.5]
+
+
+def _first_release_registry_holding_an_agent(url: str, schema: str | None) -> None:
+    statements = [s for s in FIRST_RELEASE_DDL.split(";") if s.strip()]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        if schema:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            conn.execute(text(f'SET search_path TO "{schema}"'))
+        for statement in statements:
+            conn.execute(text(statement))
+        conn.execute(text(
+            "INSERT INTO chiffon_agents VALUES ('old-1', 'h', 'p', 1.0, 1.0, 'b', 1.0, 1, 0, "
+            "0, '[]', 1, 1.0, NULL, 30.0, 90.0, 0.5, 8, 7.5, 10.0, 16.0, 'none', 0.0, 0.0, "
+            "'{}')"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if backend == "sqlite":
+        url, schema = f"sqlite:///{tmp_path / 'old.sqlite3'}", None
+    else:
+        url, schema = POSTGRES_URL, request.getfixturevalue("pg_schema")
+    _first_release_registry_holding_an_agent(url, schema)
+    with Registry(url, schema=schema) as registry:
+        assert registry.schema_version() == sql_schema.SCHEMA_VERSION == 2
+        old = registry.agent("old-1")
+        assert old is not None and old.metrics["gpu_health"] is None
+        feed(registry, make_snapshot("new-1", gpu_health="degraded", gpu_power_draw_w=312.5,
+                                     gpu_vram_known=False, gpu_processes=3))
+        new = registry.agent("new-1")
+        assert new is not None
+        assert (new.gpu_health, new.gpu_power_draw_w, new.gpu_vram_known,
+                new.gpu_processes) == ("degraded", 312.5, False, 3)
+    with Registry(url, schema=schema) as again:  # opening it again changes nothing
+        assert again.schema_version() == 2

@@ -203,3 +203,51 @@ def test_a_stopped_agent_is_never_chosen(three_agents: Registry) -> None:
     agent = pick_agent(three_agents.agents(), {"gpu_vram_gb": 4}, pool="desktop_pool_1",
                        now=NOW + 1)
     assert agent.agent_id == "mid"
+
+
+def _pool_of(registry: Registry, *snaps: dict[str, Any]) -> Registry:
+    feeder = Feeder(registry)
+    for snap in snaps:
+        feeder.snapshot(snap, received_at=NOW)
+    feeder.commit()
+    return registry
+
+
+def test_an_agent_whose_free_vram_is_unknown_is_never_promised_vram(
+        sqlite_registry: Registry) -> None:
+    _pool_of(sqlite_registry,
+             make_snapshot("intel", vram_total_gb=0.0, vram_available_gb=0.0,
+                           gpu_vram_known=False, cores_physical=32, load_1min=0.0),
+             make_snapshot("small-card", vram_total_gb=7.99, vram_available_gb=4.0))
+    assert pick_agent(sqlite_registry.agents(), {"gpu_vram_gb": 2}, now=NOW + 1).agent_id == \
+        "small-card"
+    with pytest.raises(RoutingError) as caught:
+        pick_agent(sqlite_registry.agents(), {"gpu_vram_gb": 6}, now=NOW + 1)
+    assert "best has 4 GiB free VRAM (small-card)" in str(caught.value)
+
+
+def test_an_agent_whose_free_vram_is_unknown_is_named_as_unknown_when_it_is_the_best(
+        sqlite_registry: Registry) -> None:
+    _pool_of(sqlite_registry, make_snapshot("intel", vram_total_gb=0.0, vram_available_gb=0.0,
+                                            gpu_vram_known=False))
+    with pytest.raises(RoutingError) as caught:
+        pick_agent(sqlite_registry.agents(), {"gpu_vram_gb": 1}, now=NOW + 1)
+    assert str(caught.value).endswith("best has unknown free VRAM (intel)")
+
+
+def test_an_agent_whose_free_vram_is_unknown_still_takes_work_that_needs_no_vram(
+        sqlite_registry: Registry) -> None:
+    _pool_of(sqlite_registry, make_snapshot("intel", vram_total_gb=0.0, vram_available_gb=0.0,
+                                            gpu_vram_known=False))
+    assert pick_agent(sqlite_registry.agents(), {"cores": 1, "gpu_vram_gb": 0},
+                      now=NOW + 1).agent_id == "intel"
+
+
+def test_an_older_agent_that_sent_zero_for_a_null_free_vram_counts_as_unknown(
+        sqlite_registry: Registry) -> None:
+    older = make_snapshot("old-intel", vram_total_gb=0.0, vram_available_gb=0.0)
+    older["gpus"][0].update(vendor="intel", vram_total_gb=None, vram_available_gb=None)
+    older["gpu_type"] = "intel"
+    _pool_of(sqlite_registry, older)
+    record = sqlite_registry.agent("old-intel")
+    assert record is not None and record.gpu_vram_known is False

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Float, Integer, String
+from sqlalchemy import BigInteger, Boolean, Float, Integer, String
 
 from chiffon_worker import snapshot
 from chiffon_worker.orchestrator import exporter, routing, sql_schema
@@ -26,10 +26,14 @@ AGENTS_COLUMNS = {
     "clock_skew_seconds", "heartbeat_interval_seconds", "heartbeat_timeout_seconds",
     "cpu_load_1min", "cpu_cores_physical", "cpu_cores_available", "memory_available_gb",
     "memory_total_gb", "gpu_type", "gpu_vram_available_gb", "gpu_vram_total_gb", "snapshot",
+    # schema 2 (added to older registries by the upgrade)
+    "gpu_vram_known", "gpu_health", "gpu_power_draw_w", "gpu_power_limit_w", "gpu_processes",
+    "gpu_foreign_processes", "gpu_foreign_memory_gb",
 }
 HISTORY_COLUMNS = {"agent_id", "slot", "received_at", "cpu_load_1min", "cpu_cores_available",
                    "memory_available_gb", "gpu_vram_available_gb"}
-SQL_TYPES = {"float": Float, "integer": Integer, "bigint": BigInteger, "text": String}
+SQL_TYPES = {"float": Float, "integer": Integer, "bigint": BigInteger, "text": String,
+             "boolean": Boolean}
 
 
 def fields_where(condition: Callable[[Field], bool]) -> list[Any]:
@@ -49,7 +53,7 @@ def test_every_stored_field_has_an_agents_column_of_its_sql_type(field: Field) -
     column = sql_schema.agents.c[field.name]
     assert isinstance(column.type, SQL_TYPES[field.column.sql])
     assert column.primary_key == field.column.primary_key
-    assert column.nullable == field.nullable
+    assert column.nullable == (field.nullable or not field.required)
 
 
 @pytest.mark.parametrize("field", fields_where(lambda f: f.history))

@@ -130,15 +130,47 @@ def test_a_nullable_gpu_field_may_be_null(field: Field) -> None:
     protocol.validate_snapshot(broken(gpus=[gpu]))
 
 
-@pytest.mark.parametrize("field", fields_where(lambda f: not f.nullable, GPU_ENTRY_FIELDS))
+@pytest.mark.parametrize("field", fields_where(lambda f: not f.nullable and f.required,
+                                                GPU_ENTRY_FIELDS))
 def test_a_gpu_field_that_is_not_nullable_refuses_null(field: Field) -> None:
     gpu = dict(GOOD_SNAPSHOT["gpus"][0], **{field.name: None})
     assert refusal(broken(gpus=[gpu]))[0] == f"gpus[0].{field.name}"
 
 
-@pytest.mark.parametrize("field", fields_where(lambda f: not f.required, FIELDS))
-def test_optional_fields_are_documented_but_never_checked(field: Field) -> None:
+@pytest.mark.parametrize("field", fields_where(
+    lambda f: not f.required and f not in snapshot.CHECKED_OPTIONAL_FIELDS, FIELDS))
+def test_optional_text_fields_without_a_role_are_documented_but_never_checked(field: Field
+                                                                               ) -> None:
     assert protocol.validate_snapshot(broken(**{field.name: ["anything"]}))
+
+
+@pytest.mark.parametrize("field", fields_where(
+    lambda f: f in snapshot.CHECKED_OPTIONAL_FIELDS, FIELDS))
+def test_an_optional_field_that_is_present_must_have_its_type(field: Field) -> None:
+    assert refusal(broken(**{field.name: ["anything"]}))[0] == field.name
+
+
+@pytest.mark.parametrize("field", fields_where(
+    lambda f: f in snapshot.CHECKED_OPTIONAL_FIELDS, FIELDS))
+def test_an_optional_field_may_be_left_out(field: Field) -> None:
+    snap = broken()
+    snap.pop(field.name, None)
+    assert protocol.validate_snapshot(snap)
+
+
+@pytest.mark.parametrize("field", fields_where(
+    lambda f: f in snapshot.CHECKED_OPTIONAL_FIELDS and bool(f.choices), FIELDS))
+def test_an_optional_field_with_choices_refuses_other_text(field: Field) -> None:
+    assert refusal(broken(**{field.name: "bogus"})) == (
+        field.name, f"must be one of {', '.join(field.choices)}")
+
+
+def test_an_optional_count_must_not_be_negative() -> None:
+    assert refusal(broken(gpu_processes=-1)) == ("gpu_processes", "must not be negative, got -1")
+
+
+def test_an_optional_flag_refuses_a_number() -> None:
+    assert refusal(broken(gpu_vram_known=1)) == ("gpu_vram_known", "must be bool, got int")
 
 
 def test_a_snapshot_of_unusual_but_valid_values_passes() -> None:
