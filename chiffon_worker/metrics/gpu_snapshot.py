@@ -116,8 +116,25 @@ def _vram_known(sample: GpuSample, main: GpuDevice | None) -> bool:
     return not (sample.state == "timeout" and not sample.reading.devices)
 
 
+#: The flat keys of a machine without a GPU (copied into each such snapshot: the common
+#: case, kept cheap).
+_NO_GPU: dict[str, Any] = {
+    "gpu_vram_total_gb": 0.0, "gpu_vram_available_gb": 0.0, "gpu_vram_known": True,
+    "gpu_type": "none", "gpu_count": 0, "gpu_health": "none", "gpu_health_reason": None,
+    "gpu_power_draw_w": None, "gpu_power_limit_w": None, "gpu_processes": None,
+    "gpu_foreign_processes": None, "gpu_foreign_memory_gb": None,
+}
+
+
+def _probe_keys(sample: GpuSample) -> dict[str, Any]:
+    return {"state": sample.state, "source": sample.reading.source,
+            "age_seconds": round(sample.age_seconds, 3), "error": sample.error}
+
+
 def gpu_keys(sample: GpuSample, host: HostMemory | None = None) -> dict[str, Any]:
     """The snapshot's GPU keys (flat summary, ``gpus`` list and ``gpu_probe``)."""
+    if not sample.reading.devices and sample.state != "timeout":
+        return {**_NO_GPU, "gpus": [], "gpu_probe": _probe_keys(sample)}
     devices = tuple(with_host_memory(d, host) for d in sample.reading.devices)
     main = primary(devices)
     health, reason = fleet_health(devices)
@@ -133,11 +150,6 @@ def gpu_keys(sample: GpuSample, host: HostMemory | None = None) -> dict[str, Any
         "gpu_power_limit_w": _sum_known([d.power_limit_w for d in devices]),
         **process_keys(devices),
         "gpus": [d.to_dict() for d in devices],
-        "gpu_probe": {
-            "state": sample.state,
-            "source": sample.reading.source,
-            "age_seconds": round(sample.age_seconds, 3),
-            "error": sample.error,
-        },
+        "gpu_probe": _probe_keys(sample),
     }
     return keys
