@@ -8,11 +8,17 @@ Scenarios, all measured in one run on this machine:
   (after the first call, which looks for GPUs once).
 * ``agent_gpu_tool_hung``: the same with a fake ``nvidia-smi`` that hangs forever first on
   PATH, measured after the first call has timed out (``gpu_detection_timeout_seconds``).
-* ``gpu_probe_in_flight``: ``GpuMetrics.sample()`` + ``flat_gpu_keys`` alone while a probe
+* ``gpu_probe_in_flight``: ``GpuMetrics.sample()`` + ``gpu_keys`` alone while a probe
   is stuck in-process (an NVML call in D-state): the slow path, taken on every call.
+* ``agent_8_nvml_gpus``: the agent's snapshot on a machine with 8 NVIDIA GPUs behind a fake
+  NVML binding (tests/fakes/fake_pynvml.py), each GPU with 4 processes (this process, a
+  child of it, pid 1, and one that is not visible), power, throttle reasons and ECC; readings
+  are cached for 1 s as in the agent, so about one call per second pays a probe.
+* ``gpu_probe_8_nvml_gpus_uncached``: one full probe of those 8 GPUs (every NVML query,
+  process names, owners, health): what the probe thread pays once a second.
 
-Targets: p50 <= 150 us without GPU, <= 1 ms while the GPU tool is hung. Writes
-``bench/results/snapshot.json``.
+Targets: p50 <= 150 us without GPU, <= 300 us with 8 GPUs (cached), <= 1 ms while the
+GPU tool is hung. Writes ``bench/results/snapshot.json``.
 
     python bench/snapshot.py [--iterations 20000] [--timeout 1.0]
 """
@@ -25,6 +31,7 @@ import os
 import platform
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,12 +48,35 @@ sys.path.insert(0, str(ROOT))
 from chiffon_worker.agents.desktop import DesktopAgent  # noqa: E402
 from chiffon_worker.config import Config  # noqa: E402
 from chiffon_worker.metrics.bounded_subprocess import clear_which_cache  # noqa: E402
-from chiffon_worker.metrics.gpu import GpuMetrics  # noqa: E402
-from chiffon_worker.metrics.gpu_types import GpuReading, flat_gpu_keys  # noqa: E402
+from chiffon_worker.metrics.cpu import CpuMetrics  # noqa: E402
+from chiffon_worker.metrics.gpu import GpuMetrics, GpuProber  # noqa: E402
+from chiffon_worker.metrics.gpu_snapshot import gpu_keys  # noqa: E402
+from chiffon_worker.metrics.gpu_types import GpuReading  # noqa: E402
+from chiffon_worker.metrics.memory import MemoryMetrics  # noqa: E402
+from chiffon_worker.metrics.nvml import NvmlSource  # noqa: E402
+from tests.fakes import fake_pynvml  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_NO_GPU_P50_US = 150.0
 TARGET_HUNG_P50_US = 1000.0
+TARGET_8_GPUS_P50_US = 300.0
+GPUS = 8
+
+
+def eight_gpus(child_pid: int) -> fake_pynvml.Scenario:
+    """8 RTX 4090s, each with 4 processes: this one and ``child_pid`` (the agent's), pid 1
+    (foreign) and a pid that is not visible (unknown)."""
+    gpus = []
+    for n in range(GPUS):
+        gpu = fake_pynvml.RTX4090_V2
+        gpus.append(fake_pynvml.FakeGpu(
+            name=gpu.name, total=gpu.total, free=gpu.free, used=gpu.used,
+            reserved=gpu.reserved, utilization=gpu.utilization, temperature=gpu.temperature,
+            uuid=f"GPU-bench-{n}", power_mw=gpu.power_mw, power_limit_mw=gpu.power_limit_mw,
+            throttle_mask=gpu.throttle_mask, ecc_uncorrected=0,
+            compute=[(os.getpid(), 1 << 30), (child_pid, 2 << 30)],
+            graphics=[(1, 64 << 20), (fake_pynvml.PID_MAX + 1 + n, 256 << 20)]))
+    return fake_pynvml.Scenario(gpus=gpus)
 
 
 def measure(fn: Callable[[], Any], iterations: int, warmup: int = 200) -> dict[str, float]:
@@ -134,14 +164,39 @@ def main() -> int:
     stuck = StuckProber()
     gpu = GpuMetrics(timeout_s=0.05, prober=stuck)
     gpu.sample()  # times out after 0.05 s; the probe stays in flight
-    results["gpu_probe_in_flight"] = measure(lambda: flat_gpu_keys(gpu.sample()),
+    results["gpu_probe_in_flight"] = measure(lambda: gpu_keys(gpu.sample()),
                                              args.iterations)
     results["gpu_probe_in_flight"]["probes_started"] = gpu.probes_started
     stuck.release.set()
     gpu.close()
 
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        with tempfile.TemporaryDirectory(prefix="chiffon-bench-sys-") as empty_sys:
+            _, load = fake_pynvml.loader(eight_gpus(child.pid))
+            prober = GpuProber(empty_sys, nvml=NvmlSource(load=load))
+            agent = DesktopAgent("bench", "desktop", Config(agent_id="bench"))
+            agent._cpu, agent._memory = CpuMetrics(), MemoryMetrics()
+            agent._gpu = GpuMetrics(empty_sys, prober=prober)
+            first = agent._get_resource_metrics()
+            results["agent_8_nvml_gpus"] = measure(agent._get_resource_metrics,
+                                                   args.iterations)
+            results["agent_8_nvml_gpus"].update(
+                gpu_count=first["gpu_count"], gpu_processes=first["gpu_processes"],
+                gpu_foreign_processes=first["gpu_foreign_processes"],
+                probes=agent._gpu.probes_started)
+            results["gpu_probe_8_nvml_gpus_uncached"] = measure(
+                prober.probe, max(200, args.iterations // 20), warmup=20)
+            agent.close()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+
     base = results["psutil_baseline"]["p50_us"]
-    for name in ("agent_no_gpu", "agent_gpu_tool_hung", "gpu_probe_in_flight"):
+    for name in ("agent_no_gpu", "agent_gpu_tool_hung", "gpu_probe_in_flight",
+                 "agent_8_nvml_gpus", "gpu_probe_8_nvml_gpus_uncached"):
         results[name]["ratio_to_psutil_p50"] = round(results[name]["p50_us"] / base, 2)
     report = {
         "benchmark": "snapshot",
@@ -151,12 +206,15 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "gpu_detection_timeout_seconds": args.timeout,
         "targets": {"agent_no_gpu_p50_us": TARGET_NO_GPU_P50_US,
+                    "agent_8_nvml_gpus_p50_us": TARGET_8_GPUS_P50_US,
                     "agent_gpu_tool_hung_p50_us": TARGET_HUNG_P50_US},
         "results": results,
         "pass": {
             "agent_no_gpu": results["agent_no_gpu"]["p50_us"] <= TARGET_NO_GPU_P50_US,
             "agent_gpu_tool_hung":
                 results["agent_gpu_tool_hung"]["p50_us"] <= TARGET_HUNG_P50_US,
+            "agent_8_nvml_gpus":
+                results["agent_8_nvml_gpus"]["p50_us"] <= TARGET_8_GPUS_P50_US,
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
