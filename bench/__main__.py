@@ -80,6 +80,8 @@ def _liveness(signal: str, key: str) -> Callable[[dict[str, Any]], float]:
 MEASURES = [
     Measure("snapshot", "snapshot p50, no GPU", "us", "<= 150",
             lambda d: d["results"]["agent_no_gpu"]["p50_us"], lambda v: v <= 150),
+    Measure("snapshot", "snapshot p50, 8 NVML GPUs with processes", "us", "<= 300",
+            lambda d: d["results"]["agent_8_nvml_gpus"]["p50_us"], lambda v: v <= 300),
     Measure("snapshot", "snapshot p50, GPU tool hung", "us", "<= 1000",
             lambda d: d["results"]["agent_gpu_tool_hung"]["p50_us"], lambda v: v <= 1000),
     Measure("heartbeat", "start -> first heartbeat (median)", "s", "<= 2",
