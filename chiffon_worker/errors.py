@@ -63,3 +63,69 @@ class RegistryError(ChiffonError):
 
 class RoutingError(ChiffonError):
     """Work cannot be routed: no pool, or no online agent fits the request."""
+
+
+class BrokerLoginRefused(ChiffonError):
+    """The broker refused the login (or the user's access to what was asked): a
+    configuration problem, so every entry point stops with ``EXIT_CONFIG`` (2) instead of
+    retrying. ``masked_url`` must already hide the password."""
+
+    def __init__(self, masked_url: str, problem: str) -> None:
+        self.masked_url = masked_url
+        self.problem = problem
+        super().__init__(one_line(f"broker {masked_url}: {problem}"))
+
+    @classmethod
+    def from_error(cls, masked_url: str, exc: BaseException) -> BrokerLoginRefused | None:
+        """The refusal ``exc`` carries (itself, or its ``__cause__``/``__context__`` chain),
+        or None when it is some other fault (an outage, a missing vhost, ...).
+
+        Refusals: AMQP ``ACCESS_REFUSED`` (:class:`amqp.exceptions.AccessRefused`: a wrong
+        user or password, or a user without permission on a queue or exchange) and Redis
+        ``AuthenticationError``.
+        """
+        refusal = refusal_in_chain(exc)
+        if refusal is None:
+            return None
+        return cls(masked_url, _refusal_problem(refusal))
+
+
+#: What to fix when the broker refuses a login.
+LOGIN_HINT = "check broker_url's user and password"
+#: The same for RabbitMQ, whose URL may be built from the ``rabbitmq_*`` keys.
+AMQP_LOGIN_HINT = f"{LOGIN_HINT} (or rabbitmq_user and rabbitmq_password)"
+#: What to fix when the broker refuses a logged-in user access to a queue or exchange.
+PERMISSION_HINT = "check the user's permissions on the vhost (rabbitmqctl set_permissions)"
+
+
+def _refusal_types() -> tuple[type[BaseException], ...]:
+    """The exception classes of a refused broker login (imported late: this module is
+    imported everywhere, the broker clients only where a broker is used)."""
+    from amqp.exceptions import AccessRefused
+    from redis.exceptions import AuthenticationError
+
+    return (AccessRefused, AuthenticationError)
+
+
+def refusal_in_chain(exc: BaseException) -> BaseException | None:
+    """The first refused-login exception among ``exc``, its cause and its context."""
+    refusals = _refusal_types()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, refusals):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _refusal_problem(refusal: BaseException) -> str:
+    """``login refused (ACCESS_REFUSED): <hint>`` and the like, for one refusal."""
+    reply = getattr(refusal, "reply_text", None)
+    if not isinstance(reply, str):  # Redis: the server's words
+        return f"login refused ({refusal}): {LOGIN_HINT}"
+    code, _sep, detail = reply.partition(" - ")
+    if "login was refused" in detail.lower() or not detail:
+        return f"login refused ({code or 'ACCESS_REFUSED'}): {AMQP_LOGIN_HINT}"
+    return f"access refused ({reply}): {PERMISSION_HINT}"

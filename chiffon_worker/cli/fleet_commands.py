@@ -1,6 +1,10 @@
 """The orchestrator host's commands: ``chiffon orchestrator`` (run the service),
 ``chiffon status`` and ``chiffon history`` (read the registry).
 
+``status`` and ``history`` read only the registry (never the broker): their faults are
+RegistryErrors, one line and exit status 1. ``orchestrator`` exits 2 with one line when the
+broker refuses its login (BrokerLoginRefused); other broker faults it retries.
+
 They need the orchestrator extra, which each handler imports lazily under
 :func:`~chiffon_worker.cli.orchestrator_extra.needs_orchestrator_extra`; the views they
 print (``status_table``, ``history_charts``, ``orchestrator.agent_view``) do not.
@@ -63,7 +67,8 @@ def add_fleet_commands(subcommands: Subcommands) -> None:
 # -- chiffon orchestrator ---------------------------------------------------------------------
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT; exits 0 on a clean stop."""
+    """Run until SIGTERM/SIGINT; exits 0 on a clean stop, 2 (through main) when the broker
+    refuses the login."""
     with needs_orchestrator_extra("orchestrator"):
         from chiffon_worker.orchestrator.service import Orchestrator, run_orchestrator
     from chiffon_worker.wire import HEARTBEAT_QUEUE

@@ -10,7 +10,10 @@ Messages are acknowledged only after their batch is committed (on AMQP with one
 Rejected messages are acknowledged too (dropped, never requeued).
 
 The broker may go away at any time: the consumer reconnects with exponential backoff
-(1 s doubling to ``reconnect_max_seconds``) until :meth:`HeartbeatConsumer.stop`. If the
+(1 s doubling to ``reconnect_max_seconds``) until :meth:`HeartbeatConsumer.stop`. A broker
+that refuses the login (AMQP ``ACCESS_REFUSED``, Redis ``AuthenticationError``) is a
+configuration problem, not an outage: :meth:`~HeartbeatConsumer.run` raises
+:class:`~chiffon_worker.errors.BrokerLoginRefused` at once instead of retrying. If the
 registry cannot be written, the batch is retried after each of ``write_retry_delays``
 seconds and then :class:`~chiffon_worker.errors.RegistryError` ends :meth:`run` (the
 unacked messages go back to the queue).
@@ -29,7 +32,7 @@ from kombu.connection import Connection
 from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
-from chiffon_worker.errors import RegistryError
+from chiffon_worker.errors import BrokerLoginRefused, RegistryError
 from chiffon_worker.orchestrator.batch_writer import Batch, BatchWriter
 from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
@@ -104,7 +107,8 @@ class HeartbeatConsumer:
                           heartbeat=_AMQP_HEARTBEAT_SECONDS, transport_options=options)
 
     def run(self) -> None:
-        """Consume until :meth:`stop`; reconnects on broker loss. Raises RegistryError."""
+        """Consume until :meth:`stop`; reconnects on broker loss. Raises RegistryError, and
+        BrokerLoginRefused when the broker refuses the login (retrying cannot fix that)."""
         delay = 1.0
         while not self._stop.is_set():
             conn = self._connection()
@@ -116,6 +120,7 @@ class HeartbeatConsumer:
                 self._consume(conn)
             except recoverable as exc:
                 self.ready.clear()
+                self._stop_if_refused(exc)
                 self.stats.connection_losses += 1
                 log.warning("broker %s: %s: %s; reconnecting in %.0f s", self.masked_url,
                             type(exc).__name__, str(exc)[:200] or "connection lost", delay)
@@ -126,6 +131,14 @@ class HeartbeatConsumer:
                 self.ready.clear()
                 _release(conn)
         self._salvage()
+
+    def _stop_if_refused(self, exc: BaseException) -> None:
+        """Raise BrokerLoginRefused if ``exc`` is a refused login, after committing what was
+        judged (the unacked deliveries go back to the queue)."""
+        refused = BrokerLoginRefused.from_error(self.masked_url, exc)
+        if refused is not None:
+            self._salvage()
+            raise refused from None
 
     def _consume(self, conn: Connection) -> None:
         channel = conn.channel()

@@ -221,7 +221,7 @@ def test_submit_to_a_pool_prints_where_the_work_went(
 
     pool = f"test_pool_{time.time_ns()}"
     try:
-        assert main(["submit", "echo", '{"text": "hi"}', "--pool", pool,
+        assert main(["submit", "echo", '{"text": "hi"}', "--pool", pool, "--queue-anyway",
                      "--work-id", "w-cli-1"]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed == {"work_id": "w-cli-1", "queue": pool, "agent_id": None}
