@@ -29,8 +29,16 @@ AGENT_QUEUE_PREFIX = "chiffon.agent."
 #: (``worker.online``, ``worker.heartbeat``, ``worker.offline``).
 WORKER_EVENTS_EXCHANGE = "celeryev"
 WORKER_EVENTS_ROUTING_KEY = "worker.#"
+#: Routing key of Celery's task events (task-received, -started, -succeeded, -failed...).
+TASK_EVENTS_ROUTING_KEY = "task.#"
 #: The name of the ``celery inspect`` command that answers with an agent's snapshot.
 METRICS_INSPECT_COMMAND = "chiffon_metrics"
+#: The ``celery control`` commands that stop and resume an agent's consumption of its pool
+#: queue (``chiffon drain`` / ``chiffon undrain``); its own queue is never touched.
+DRAIN_CONTROL_COMMAND = "chiffon_drain"
+UNDRAIN_CONTROL_COMMAND = "chiffon_undrain"
+#: ``accepting_reason`` of an agent an operator drained.
+DRAINED_REASON = "drained"
 
 #: What RabbitMQ and Redis both accept as a queue name here (ids are checked tighter).
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")

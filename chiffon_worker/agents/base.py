@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from chiffon_worker._version import __version__
+from chiffon_worker.agents.intake import WorkIntake
 from chiffon_worker.config import Config
 from chiffon_worker.protocol import SNAPSHOT_SCHEMA, WorkRequest, WorkResult
 
@@ -36,6 +37,8 @@ class BaseAgent(abc.ABC):
         self.started_at = time.time()
         self._seq = itertools.count(1)
         self._seq_lock = threading.Lock()
+        #: whether it takes pool work and what runs now (prefork: work runs elsewhere)
+        self.intake = WorkIntake(counted=config.worker_pool != "prefork")
 
     def next_seq(self) -> int:
         """The next heartbeat sequence number (thread-safe)."""
@@ -66,6 +69,7 @@ class BaseAgent(abc.ABC):
         seq = self.next_seq() if heartbeat else 0
         snap = self.envelope(seq)
         snap.update(self._get_resource_metrics())
+        snap.update(self.intake.snapshot_keys())
         return snap
 
     @abc.abstractmethod

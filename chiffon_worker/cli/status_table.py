@@ -99,10 +99,13 @@ TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
 
 
 def status_row(record: AgentRecord, now: float) -> list[str]:
-    """One table row (see ``TABLE_HEADERS``)."""
+    """One table row (see ``TABLE_HEADERS``). STATE is the liveness, except that an online
+    agent with a drain request shows ``draining`` or ``drained``."""
     state: str = record.liveness(now)
     if state == "conflict" and record.conflict is not None:
         state = f"conflict (also {record.conflict.hostname})"
+    elif state == "online":
+        state = record.drain_state(now) or state
     return [record.agent_id, record.hostname, record.pool, state,
             format_age(record.age_seconds(now)),
             *(column.cell(record) for column in METRIC_COLUMNS)]

@@ -17,7 +17,9 @@ def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
     ``liveness`` is ``online``, ``stopped``, ``lost`` or ``conflict``; ``state`` its coarse
     form, ``online`` (alive) or ``offline``, as always; ``last_event_at`` the receipt time of
     the newest Celery worker event (null until one was seen); ``conflict`` the newest
-    heartbeat of a second process claiming the id (null if none ever did)."""
+    heartbeat of a second process claiming the id (null if none ever did); ``drain``
+    ``draining`` or ``drained`` once an operator drained the agent (null otherwise), and
+    ``drain_requested_at`` when (unix seconds)."""
     obj: dict[str, Any] = {
         "agent_id": record.agent_id,
         "hostname": record.hostname,
@@ -36,6 +38,8 @@ def status_object(record: AgentRecord, now: float) -> dict[str, Any]:
         "conflict": None if record.conflict is None else {
             "hostname": record.conflict.hostname, "boot_id": record.conflict.boot_id,
             "seen_at": record.conflict.seen_at, "current": record.conflicting(now)},
+        "drain": record.drain_state(now),
+        "drain_requested_at": record.drain_requested_at,
     }
     for key, value in record.snapshot.items():
         if key not in obj and key != SIGNATURE_KEY:

@@ -1,18 +1,41 @@
-"""Worker remote control: ``celery -A chiffon_worker inspect chiffon_metrics``.
+"""Worker remote control: ``celery -A chiffon_worker inspect chiffon_metrics``, and the
+``chiffon_drain`` / ``chiffon_undrain`` control commands behind ``chiffon drain`` and
+``chiffon undrain``.
 
-Every agent answers with its current snapshot (``seq`` 0: an ad-hoc view, not a heartbeat).
+``inspect chiffon_metrics``: every agent answers with its current snapshot (``seq`` 0: an
+ad-hoc view, not a heartbeat).
+
+``chiffon_drain`` (arguments ``requested_by``, ``requested_at`` in unix seconds): keep
+the drain mark in the state directory (a repeated drain keeps the first), report
+``accepting: false`` from now on, and cancel the consumer of the pool queue; running work
+finishes, the agent's own queue keeps its consumer. ``chiffon_undrain``: remove the mark
+and consume the pool queue again. Both answer ``{"ok": text, "pool": name,
+"was_drained": bool, "persisted": bool, "work_running": int | null}``; ``persisted``
+false: the mark could not be written or removed (``error`` says why), the running agent
+obeys anyway.
+
 Celery keeps remote-control commands in one process-wide table, so registering twice is
 harmless (the second registration replaces the first with the same function).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 
-from chiffon_worker.wire import METRICS_INSPECT_COMMAND
-from chiffon_worker.worker.runtime import get_agent
+from chiffon_worker.wire import (
+    DRAIN_CONTROL_COMMAND,
+    DRAINED_REASON,
+    METRICS_INSPECT_COMMAND,
+    UNDRAIN_CONTROL_COMMAND,
+)
+from chiffon_worker.worker import drain
+from chiffon_worker.worker.runtime import get_agent, get_config
+
+log = logging.getLogger(__name__)
 
 
 def chiffon_metrics(state: Any) -> dict[str, Any]:
@@ -20,6 +43,53 @@ def chiffon_metrics(state: Any) -> dict[str, Any]:
     return get_agent().snapshot(heartbeat=False)
 
 
+def chiffon_drain(state: Any, requested_by: str = "unknown",
+                  requested_at: float | None = None, **_: Any) -> dict[str, Any]:
+    """Stop taking work from the pool queue (see the module docstring)."""
+    config, intake = get_config(), get_agent().intake
+    was_drained = not intake.accepting
+    mark = drain.DrainMark(time.time() if requested_at is None else float(requested_at),
+                           str(requested_by))
+    answer: dict[str, Any] = {"pool": config.agent_pool_name, "was_drained": was_drained}
+    try:
+        if drain.read_mark(config.state_dir) is None:  # a repeated drain keeps the first
+            drain.write_mark(config.state_dir, mark)
+        answer["persisted"] = True
+    except OSError as exc:
+        log.warning("drained, but the drain mark could not be kept in %s (%s): a restart "
+                    "resumes pool work", config.state_dir, exc.strerror or exc)
+        answer.update(persisted=False, error=str(exc.strerror or exc))
+    intake.stop(DRAINED_REASON)
+    state.consumer.call_soon(drain.stop_consuming, state.consumer, config.agent_pool_name)
+    log.info("drain requested by %s: finishing running work, no new work from %s",
+             mark.requested_by, config.agent_pool_name)
+    answer.update(ok=f"no longer consuming from {config.agent_pool_name}",
+                  work_running=intake.work_running)
+    return answer
+
+
+def chiffon_undrain(state: Any, **_: Any) -> dict[str, Any]:
+    """Take work from the pool queue again (see the module docstring)."""
+    config, intake = get_config(), get_agent().intake
+    answer: dict[str, Any] = {"pool": config.agent_pool_name,
+                              "was_drained": not intake.accepting}
+    try:
+        answer["was_drained"] = drain.remove_mark(config.state_dir) or answer["was_drained"]
+        answer["persisted"] = True
+    except OSError as exc:
+        log.warning("undrained, but the drain mark in %s could not be removed (%s): a "
+                    "restart drains the agent again", config.state_dir, exc.strerror or exc)
+        answer.update(persisted=False, error=str(exc.strerror or exc))
+    intake.resume()
+    state.consumer.call_soon(drain.resume_consuming, state.consumer, config.agent_pool_name)
+    answer.update(ok=f"consuming from {config.agent_pool_name}",
+                  work_running=intake.work_running)
+    return answer
+
+
 def register_control_commands() -> None:
-    """Add the agent's inspect commands to Celery's remote-control table."""
+    """Add the agent's inspect and control commands to Celery's remote-control table."""
     inspect_command(name=METRICS_INSPECT_COMMAND)(chiffon_metrics)
+    control_command(name=DRAIN_CONTROL_COMMAND, args=[("requested_by", str)],
+                    signature="[requested_by]")(chiffon_drain)
+    control_command(name=UNDRAIN_CONTROL_COMMAND)(chiffon_undrain)

@@ -14,7 +14,8 @@ Departures from a stock worker, all made here so that a plain
 - without ``-n`` the worker is named ``<agent_id>@<host>`` and without ``-l`` it logs at
   the configured ``log_level``, so Flower and ``celery inspect`` name the agent and two
   agents on one host do not share a remote-control queue;
-- the ready line names the broker and the queues the consumer really uses.
+- the ready line names the broker and the queues the consumer really uses;
+- a drained agent (``<state_dir>/drained``, see :mod:`.drain`) leaves its pool queue out.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from celery.utils.nodenames import host_format
 from chiffon_worker.agents.base import BOOT_ID_ENV
 from chiffon_worker.config import mask_url
 from chiffon_worker.process_local import ProcessLocal
+from chiffon_worker.wire import DRAINED_REASON
 from chiffon_worker.worker.beat import ThreadedBeat
 from chiffon_worker.worker.consumer import install_ack_lost_filter
 from chiffon_worker.worker.control import register_control_commands
-from chiffon_worker.worker.runtime import get_config, mark_ready
+from chiffon_worker.worker.drain import exclude_pool_if_drained, read_mark
+from chiffon_worker.worker.runtime import get_agent, get_config, mark_ready
 from chiffon_worker.worker.settings import celery_settings
 from chiffon_worker.worker.tasks import register_tasks
 
@@ -65,6 +68,12 @@ class Worker(_CeleryWorker):  # type: ignore[misc]
         if _cli_default("loglevel"):
             loglevel = mlevel(config.log_level)
         super().__init__(*args, hostname=hostname, loglevel=loglevel, **kwargs)
+
+    def setup_queues(self, include: Any, exclude: Any = None) -> None:
+        """Celery's queue selection (``-Q``, ``-X``), then a drained agent's pool left out."""
+        super().setup_queues(include, exclude)
+        config = get_config()
+        exclude_pool_if_drained(self.app.amqp.queues, config.state_dir, config.agent_pool_name)
 
 
 def _cli_default(option: str) -> bool:
@@ -135,13 +144,17 @@ def _on_worker_init(**_: Any) -> None:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     """The ready line, from what the consumer really uses (not from the config); and the
     go-ahead for the first heartbeat (see ``beat.FIRST_HEARTBEAT_WAIT_SECONDS``)."""
-    mark_ready()
     config = get_config()
     connection = getattr(sender, "connection", None)
     broker = connection.as_uri() if connection is not None else mask_url(
         config.effective_broker_url)
     task_consumer = getattr(sender, "task_consumer", None)
     queues = sorted(q.name for q in getattr(task_consumer, "queues", ()))
+    if task_consumer is not None and config.agent_pool_name not in queues:
+        # not consuming the pool: the heartbeat says so from the first one
+        drained = read_mark(config.state_dir) is not None
+        get_agent().intake.stop(DRAINED_REASON if drained else "pool queue not selected")
+    mark_ready()
     log.info("chiffon agent %s (%s) ready: consuming %s, broker %s, heartbeat every %g s",
              config.agent_id, config.hostname, ", ".join(queues) or "nothing",
              mask_url(broker), config.heartbeat_interval_seconds)

@@ -35,7 +35,9 @@ def execute_work(*args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning("rejected malformed work request: %s", exc)
         return WorkResult.failure(_echoable_work_id(args, exc), f"malformed work request: {exc}",
                                   get_config().agent_id, time.perf_counter() - started).to_dict()
-    return get_agent().execute_work(request).to_dict()
+    agent = get_agent()
+    with agent.intake.running():  # the heartbeat's work_running
+        return agent.execute_work(request).to_dict()
 
 
 def _echoable_work_id(args: tuple[Any, ...], exc: ProtocolError) -> str:
