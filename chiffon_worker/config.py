@@ -176,6 +176,10 @@ class Config:
         "", "optional HMAC key signing heartbeats; blank: unsigned", secret=True)
     metrics_port: int = setting(
         9808, "orchestrator Prometheus TCP port; 0 disables it", check=bounded(0, 65535))
+    reservation_ttl_seconds: float = setting(
+        3600.0, "longest a placement holds the capacity it asked for when the end of its "
+        "work is never seen (a lost submitter, an orchestrator that was down)", unit="s",
+        check=bounded(1, 30 * 86400))
 
     #: this machine's host name, for display (not a setting)
     hostname: str = field(default="")

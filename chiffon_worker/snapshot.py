@@ -84,10 +84,14 @@ class Gauge:
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """A field work can be routed on: ``needs={key: amount}`` in the field's unit."""
+    """A field work can be routed on: ``needs={key: amount}`` in the field's unit.
+
+    ``total``: the field holding the agent's whole capacity of it, which placements
+    (reservations) are counted against."""
 
     key: str
     noun: str
+    total: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,13 +201,13 @@ FIELDS: tuple[Field, ...] = (
           column=Column("float", history=True),
           gauge=Gauge("chiffon_agent_cpu_cores_available",
                       "cores free: usable cores - busy cores"),
-          need=Need("cores", "free cores")),
+          need=Need("cores", "free cores", "cpu_cores_physical")),
     Field("memory_percent", "metric", NUMBER, "memory in use", unit="%", label="mem used",
           maximum=100.0),
     Field("memory_available_gb", "metric", NUMBER, "memory available (cgroup-capped)",
           unit="GiB", label="mem avail", column=Column("float", history=True),
           gauge=Gauge("chiffon_agent_memory_available_bytes", "memory available", GIB),
-          need=Need("memory_gb", "available memory")),
+          need=Need("memory_gb", "available memory", "memory_total_gb")),
     Field("memory_total_gb", "metric", NUMBER, "memory total (cgroup-capped)", unit="GiB",
           label="mem total", column=Column("float"),
           gauge=Gauge("chiffon_agent_memory_total_bytes", "memory total", GIB)),
@@ -215,7 +219,7 @@ FIELDS: tuple[Field, ...] = (
           column=Column("float", history=True),
           gauge=Gauge("chiffon_agent_gpu_vram_available_bytes", "free VRAM of the primary GPU",
                       GIB),
-          need=Need("gpu_vram_gb", "free VRAM")),
+          need=Need("gpu_vram_gb", "free VRAM", "gpu_vram_total_gb")),
     Field("gpu_type", "metric", TEXT, "vendor of the primary GPU", label="gpu",
           choices=GPU_TYPES, column=Column("text", 16)),
     Field("gpu_count", "metric", INTEGER, "GPUs seen (the length of gpus)", label="gpus"),
@@ -261,6 +265,16 @@ FIELDS: tuple[Field, ...] = (
           column=Column("float"),
           gauge=Gauge("chiffon_agent_gpu_foreign_memory_bytes",
                       "GPU memory held by foreign processes", GIB)),
+    # -- intake (schema-3 registry columns): whether the agent takes new pool work
+    Field("accepting", "metric", BOOL, "whether the agent consumes its pool queue (false: "
+          "an operator drained it; it takes no new pool work, its own queue still works)",
+          label="accepting", required=False, column=Column("boolean")),
+    Field("accepting_reason", "metric", TEXT, "why accepting is false (drained); null "
+          "while accepting", label="accepting reason", nullable=True, required=False,
+          column=_ID),
+    Field("work_running", "metric", INTEGER, "execute_work requests running now on this "
+          "agent (null: not counted, the prefork pool runs work in other processes)",
+          label="work running", nullable=True, required=False, column=Column("integer")),
     Field("signature", "envelope", TEXT, "HMAC-SHA256 of the snapshot when "
           "heartbeat_secret is set", required=False),
 )

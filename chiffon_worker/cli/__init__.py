@@ -6,9 +6,9 @@ config show, init-config), :mod:`.fleet_commands` (orchestrator, status, history
 the same :class:`~chiffon_worker.config.Config`.
 
 Errors print one line ``chiffon: error: ...`` on stderr and exit with the statuses of
-:mod:`chiffon_worker.errors`: a ConfigError exits ``EXIT_CONFIG`` (2), any other
-ChiffonError ``EXIT_ERROR`` (1), Ctrl-C ``EXIT_INTERRUPTED`` (130). No tracebacks for
-expected faults.
+:mod:`chiffon_worker.errors`: a ConfigError or a broker's refused login
+(BrokerLoginRefused) exits ``EXIT_CONFIG`` (2), any other ChiffonError ``EXIT_ERROR`` (1),
+Ctrl-C ``EXIT_INTERRUPTED`` (130). No tracebacks for expected faults.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ import sys
 from collections.abc import Sequence
 
 from chiffon_worker._version import __version__
+from chiffon_worker.cli.agent_admin_commands import add_agent_admin_commands
 from chiffon_worker.cli.agent_commands import add_agent_commands
 from chiffon_worker.cli.command_types import Handler
 from chiffon_worker.cli.fleet_commands import add_fleet_commands
 from chiffon_worker.cli.submit_command import add_submit_command
+from chiffon_worker.cli.work_command import add_work_command
 from chiffon_worker.errors import (
     EXIT_CONFIG,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    BrokerLoginRefused,
     ChiffonError,
     ConfigError,
     one_line,
@@ -48,8 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands.required = True
     add_agent_commands(subcommands)
     add_fleet_commands(subcommands)
+    add_agent_admin_commands(subcommands)
     add_submit_command(subcommands)
+    add_work_command(subcommands)
     return parser
+
+
+def exit_status(exc: ChiffonError) -> int:
+    """The exit status for ``exc``: ``EXIT_CONFIG`` (2) when the configuration is at fault
+    (a ConfigError, a broker that refuses the login), else ``EXIT_ERROR`` (1)."""
+    return EXIT_CONFIG if isinstance(exc, ConfigError | BrokerLoginRefused) else EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ChiffonError as exc:
         sys.stderr.write(f"chiffon: error: {one_line(str(exc))}\n")
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR
+        return exit_status(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -36,6 +36,7 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping, make_url
@@ -52,6 +53,7 @@ from chiffon_worker.orchestrator.liveness import (
     conflict_is_current,
     liveness_of,
 )
+from chiffon_worker.orchestrator.reservations import ACTIVE_STATES, Reservation, WorkState
 from chiffon_worker.snapshot import HISTORY_FIELDS, STORED_METRICS
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ _PG_CONNECT_TIMEOUT_SECONDS = 10
 METRIC_NAMES: frozenset[str] = frozenset(f.name for f in STORED_METRICS)
 #: Snapshot keys the registry keeps a history of, in column order.
 HISTORY_NAMES: tuple[str, ...] = tuple(f.name for f in HISTORY_FIELDS)
+#: Where a drained agent stands: still finishing work (or not yet told), or idle and out.
+DrainState = Literal["draining", "drained"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,8 @@ class AgentRecord:
     signs: SignsOfLife | None = None
     #: the newest heartbeat of a second live process claiming this agent's id, if any
     conflict: Conflict | None = None
+    #: when an operator drained the agent (unix seconds; None: not drained)
+    drain_requested_at: float | None = None
 
     def __getattr__(self, name: str) -> Any:
         """A stored metric by its snapshot key (only called for names not found above)."""
@@ -146,6 +152,23 @@ class AgentRecord:
     def age_seconds(self, now: float) -> float:
         """Seconds since the newest heartbeat was received."""
         return max(0.0, now - self.last_seen)
+
+    def takes_work(self, now: float) -> bool:
+        """Whether new work may go to this agent at ``now``: ``online``, not drained, and
+        consuming its pool queue (``accepting`` not false)."""
+        return (self.drain_requested_at is None and self.metrics.get("accepting") is not False
+                and self.liveness(now) == "online")
+
+    def drain_state(self, now: float) -> DrainState | None:
+        """None without a drain request; ``drained`` when the newest heartbeat says the
+        agent takes no pool work (``accepting`` false) and runs none (``work_running`` 0),
+        or the agent is not alive at ``now`` (nothing can run there); else ``draining``."""
+        if self.drain_requested_at is None:
+            return None
+        if self.state(now) == "offline":
+            return "drained"
+        idle = self.metrics.get("accepting") is False and self.metrics.get("work_running") == 0
+        return "drained" if idle else "draining"
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,24 +326,28 @@ class Registry:
                 self._upgrade(conn, current)
 
     def _upgrade(self, conn: Connection, current: int) -> None:
-        """Migrate from ``current`` to :data:`sql_schema.SCHEMA_VERSION`, one step at a
-        time, in the caller's transaction (PostgreSQL: under the advisory lock)."""
-        if current < 2:
-            table = sql_schema.agents
-            present = {c["name"] for c in inspect(conn).get_columns(table.name,
-                                                                    schema=self.schema)}
-            preparer = conn.dialect.identifier_preparer
-            name = preparer.format_table(table)
-            if self.schema:
-                name = f"{preparer.quote_schema(self.schema)}.{name}"
-            for column in sql_schema.missing_agent_columns(present):
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(text(f"ALTER TABLE {name} ADD COLUMN "
-                                  f"{preparer.quote(column.name)} {kind}"))
-            conn.execute(insert(sql_schema.schema_version),
-                         {"version": 2, "applied_at": time.time()})
-            log.info("upgraded registry %s to schema 2 (GPU health, power, processes)",
-                     self.masked_url)
+        """Migrate from ``current`` to :data:`sql_schema.SCHEMA_VERSION` in the caller's
+        transaction (PostgreSQL: under the advisory lock). Every step so far (2: GPU
+        health, power, processes; 3: accepting, accepting_reason, work_running) only adds
+        nullable ``agents`` columns, so one step serves any older version: add the missing
+        columns."""
+        table = sql_schema.agents
+        present = {c["name"] for c in inspect(conn).get_columns(table.name,
+                                                                schema=self.schema)}
+        preparer = conn.dialect.identifier_preparer
+        name = preparer.format_table(table)
+        if self.schema:
+            name = f"{preparer.quote_schema(self.schema)}.{name}"
+        added = sql_schema.missing_agent_columns(present)
+        for column in added:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {name} ADD COLUMN "
+                              f"{preparer.quote(column.name)} {kind}"))
+        conn.execute(insert(sql_schema.schema_version),
+                     {"version": sql_schema.SCHEMA_VERSION, "applied_at": time.time()})
+        log.info("upgraded registry %s from schema %d to %d (added %s)", self.masked_url,
+                 current, sql_schema.SCHEMA_VERSION,
+                 ", ".join(c.name for c in added) or "no columns")
 
     def schema_version(self) -> int:
         """The registry's current schema version."""
@@ -405,8 +432,34 @@ class Registry:
                          .where(sql_schema.signs_of_life.c.agent_id == agent_id))
             conn.execute(delete(sql_schema.conflicts)
                          .where(sql_schema.conflicts.c.agent_id == agent_id))
+            conn.execute(delete(sql_schema.drains)
+                         .where(sql_schema.drains.c.agent_id == agent_id))
+            conn.execute(delete(sql_schema.reservations)
+                         .where(sql_schema.reservations.c.agent_id == agent_id))
             result = conn.execute(delete(sql_schema.agents)
                                   .where(sql_schema.agents.c.agent_id == agent_id))
+        return bool(result.rowcount)
+
+    def drain(self, agent_id: str, by: str, *, now: float | None = None) -> float:
+        """Record that ``by`` (an operator, ``user@host``) drained ``agent_id`` at ``now``
+        (unix seconds, default the current time); a second drain keeps the first request.
+        Returns the request's time."""
+        table = sql_schema.drains
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        at = time.time() if now is None else now
+        with self._transaction("write") as conn:
+            conn.execute(dialect_insert(table)
+                         .values(agent_id=agent_id, requested_at=at, requested_by=by)
+                         .on_conflict_do_nothing(index_elements=["agent_id"]))
+            stored = conn.execute(select(table.c.requested_at)
+                                  .where(table.c.agent_id == agent_id)).scalar_one()
+        return float(stored)
+
+    def undrain(self, agent_id: str) -> bool:
+        """Delete ``agent_id``'s drain request; returns whether there was one."""
+        with self._transaction("write") as conn:
+            result = conn.execute(delete(sql_schema.drains)
+                                  .where(sql_schema.drains.c.agent_id == agent_id))
         return bool(result.rowcount)
 
     # -- reads ----------------------------------------------------------------------------
@@ -441,6 +494,191 @@ class Registry:
                 for row in rows]
 
 
+    # -- placements and work ---------------------------------------------------------------
+
+    @contextmanager
+    def placement(self) -> Iterator[Connection]:
+        """A transaction holding the placement lock: read, choose and reserve in it, and no
+        other placement (thread, process or host) runs until it commits. The lock is an
+        update of the one row of ``chiffon_placement_lock`` (a row lock on PostgreSQL, the
+        database's write lock on SQLite)."""
+        lock = sql_schema.placement_lock
+        with self._transaction("place work") as conn:
+            taken = conn.execute(update(lock).where(lock.c.id == 1)
+                                 .values(placements=lock.c.placements + 1)).rowcount
+            if not taken:
+                self._upsert(conn, lock, ("id",), [{"id": 1, "placements": 1}])
+                conn.execute(update(lock).where(lock.c.id == 1)
+                             .values(placements=lock.c.placements + 1))
+            yield conn
+
+    def agents_on(self, conn: Connection, pool: str | None) -> list[AgentRecord]:
+        """Every agent (of ``pool``) read on ``conn`` (without snapshots)."""
+        query = _agents_query(False).order_by(sql_schema.agents.c.agent_id)
+        if pool is not None:
+            query = query.where(sql_schema.agents.c.pool == pool)
+        return [_record(row) for row in conn.execute(query).mappings().all()]
+
+    def candidates(self, conn: Connection, *, pool: str | None, now: float,
+                   at_least: Mapping[str, float], not_false: Sequence[str],
+                   rank_by: Mapping[str, float], default_rank: str) -> Iterator[AgentRecord]:
+        """Agents that may take work, best first, read lazily on ``conn``: capacity
+        heartbeat younger than the agent's timeout, of ``pool``, each column of
+        ``at_least`` at least its amount, no column of ``not_false`` false; ranked by the
+        smallest ``column / divisor`` of ``rank_by`` (or ``default_rank``) descending,
+        then agent id. The figures are the heartbeat's: what reservations hold is the
+        caller's to subtract (it only lowers a rank, so a caller may stop early)."""
+        a = sql_schema.agents
+        query = select(a.c.agent_id).where(a.c.last_seen + a.c.heartbeat_timeout_seconds >= now)
+        if pool is not None:
+            query = query.where(a.c.pool == pool)
+        for name, amount in at_least.items():
+            query = query.where(a.c[name] >= amount)
+        for name in not_false:
+            query = query.where(a.c[name].is_(None) | a.c[name].is_(True))
+        ratios = [a.c[name] / divisor for name, divisor in rank_by.items()]
+        if not ratios:
+            rank: Any = a.c[default_rank]
+        elif len(ratios) == 1:
+            rank = ratios[0]
+        else:
+            rank = (func.least if self.dialect == "postgresql" else func.min)(*ratios)
+        # Ranked ids a page at a time (the agents table alone, a top-N sort), then whole
+        # records for that page only: a placement that stops early reads little.
+        query = query.order_by(rank.desc(), a.c.agent_id).limit(_CANDIDATE_BATCH)
+        offset = 0
+        while True:
+            ids = [row[0] for row in conn.execute(query.offset(offset))]
+            if not ids:
+                return
+            rows = conn.execute(_agents_query(False).where(a.c.agent_id.in_(ids))
+                                ).mappings().all()
+            by_id = {row["agent_id"]: row for row in rows}
+            for agent_id in ids:
+                if agent_id in by_id:
+                    yield _record(by_id[agent_id])
+            if len(ids) < _CANDIDATE_BATCH:
+                return
+            offset += _CANDIDATE_BATCH
+
+    def active_reservations(self, conn: Connection, now: float) -> list[Reservation]:
+        """Reservations still holding capacity at ``now`` (unix s), read on ``conn``."""
+        r = sql_schema.reservations
+        query = select(r).where(r.c.state.in_(ACTIVE_STATES), r.c.ended_at.is_(None),
+                                r.c.expires_at > now)
+        return [_reservation(row) for row in conn.execute(query).mappings().all()]
+
+    def work_known(self, conn: Connection, work_id: str) -> bool:
+        """Whether ``work_id`` was placed or seen before (read on ``conn``)."""
+        r = sql_schema.reservations
+        return conn.execute(select(r.c.work_id).where(r.c.work_id == work_id)).first() \
+            is not None
+
+    def reserve(self, conn: Connection, reservation: Reservation) -> None:
+        """Store ``reservation`` on ``conn`` (inside :meth:`placement`)."""
+        conn.execute(insert(sql_schema.reservations), _reservation_row(reservation))
+
+    def work(self, *, ended_since: float | None = None) -> list[Reservation]:
+        """Placed and running work, oldest first; with ``ended_since`` (unix s) also work
+        that ended (or expired) after it."""
+        r = sql_schema.reservations
+        query = select(r).order_by(r.c.placed_at, r.c.work_id)
+        if ended_since is None:
+            query = query.where(r.c.state.in_(ACTIVE_STATES), r.c.ended_at.is_(None))
+        else:
+            query = query.where((r.c.ended_at.is_(None)) | (r.c.ended_at >= ended_since))
+        with self._transaction("read") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_reservation(row) for row in rows]
+
+    def end_work(self, work_id: str, state: WorkState, at: float) -> bool:
+        """Mark work ended (``state``, at ``at`` unix s) if it still holds capacity;
+        returns whether it did."""
+        r = sql_schema.reservations
+        with self._transaction("write") as conn:
+            done = conn.execute(update(r).where(r.c.work_id == work_id,
+                                                r.c.state.in_(ACTIVE_STATES))
+                                .values(state=state, ended_at=at)).rowcount
+        return bool(done)
+
+    def cancel_reservation(self, work_id: str) -> None:
+        """Forget a reservation whose work was never sent (its publish failed)."""
+        r = sql_schema.reservations
+        with self._transaction("write") as conn:
+            conn.execute(delete(r).where(r.c.work_id == work_id))
+
+    def record_work_events(self, events: Sequence[WorkEvent]) -> None:
+        """Apply the agents' task events, in order: a start marks work ``running``, an end
+        ends it; work placed through a pool (no reservation yet) gets a row holding
+        nothing, so ``chiffon work`` shows it too."""
+        if not events:
+            return
+        r = sql_schema.reservations
+        with self._transaction("write") as conn:
+            for event in events:
+                known = conn.execute(select(r.c.state).where(r.c.work_id == event.work_id)
+                                     ).first()
+                if known is None:
+                    if event.state not in ACTIVE_STATES:
+                        continue  # the end of work this registry never saw: nothing held
+                    conn.execute(insert(r), _reservation_row(Reservation(
+                        work_id=event.work_id, agent_id=event.agent_id, pool="",
+                        work_type="", needs={}, state=event.state, placed_at=event.at,
+                        expires_at=event.at + _SEEN_WORK_TTL_SECONDS, submitter="",
+                        started_at=event.at if event.state == "running" else None)))
+                elif known.state in ACTIVE_STATES:
+                    values: dict[str, Any] = {"state": event.state}
+                    if event.state == "running":
+                        values["started_at"] = event.at
+                    elif event.state not in ACTIVE_STATES:
+                        values["ended_at"] = event.at
+                    conn.execute(update(r).where(r.c.work_id == event.work_id).values(values))
+
+    def purge_work(self, before: float) -> int:
+        """Delete work that ended, or whose reservation expired, before ``before`` (unix s);
+        returns rows deleted."""
+        r = sql_schema.reservations
+        with self._transaction("write") as conn:
+            result = conn.execute(delete(r).where(
+                (r.c.ended_at < before) | (r.c.ended_at.is_(None) & (r.c.expires_at < before))))
+        return int(result.rowcount or 0)
+
+
+#: Candidate agents read from the database at a time while placing.
+_CANDIDATE_BATCH = 64
+#: How long work seen only through task events (no placement) is listed as active when
+#: its end is never seen (seconds).
+_SEEN_WORK_TTL_SECONDS = 86400.0
+
+
+@dataclass(frozen=True)
+class WorkEvent:
+    """What an agent's task event says about one piece of work: its new state, when
+    (receipt time, unix s) and on which agent."""
+
+    work_id: str
+    agent_id: str
+    state: WorkState
+    at: float
+
+
+def _reservation(row: RowMapping) -> Reservation:
+    values = dict(row)
+    needs = {key: float(values.pop(key)) for key in sql_schema.NEED_KEYS}
+    return Reservation(needs={k: v for k, v in needs.items() if v}, **values)
+
+
+def _reservation_row(reservation: Reservation) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "work_id": reservation.work_id, "agent_id": reservation.agent_id,
+        "pool": reservation.pool, "work_type": reservation.work_type,
+        "state": reservation.state, "placed_at": reservation.placed_at,
+        "expires_at": reservation.expires_at, "started_at": reservation.started_at,
+        "ended_at": reservation.ended_at, "submitter": reservation.submitter}
+    for key in sql_schema.NEED_KEYS:
+        row[key] = float(reservation.needs.get(key, 0.0))
+    return row
+
 _SIGN_COLUMNS = ("worker_name", "last_event_at", "event_interval_seconds", "offline_at")
 #: Columns of ``chiffon_conflicts`` as read into records (prefixed: ``hostname`` clashes).
 _CONFLICT_COLUMNS = {"conflict_hostname": "hostname", "conflict_boot_id": "boot_id",
@@ -448,14 +686,18 @@ _CONFLICT_COLUMNS = {"conflict_hostname": "hostname", "conflict_boot_id": "boot_
 
 
 def _agents_query(with_snapshot: bool) -> Select[Any]:
-    """Agent rows with their signs of life (outer join: an agent may have none yet)."""
+    """Agent rows with their signs of life, conflict and drain request (outer joins: an
+    agent may have none of them)."""
     agents, signs, conflicts = sql_schema.agents, sql_schema.signs_of_life, sql_schema.conflicts
+    drains = sql_schema.drains
     columns = [c for c in agents.columns if with_snapshot or c.name != "snapshot"]
     return select(*columns, *(signs.c[name] for name in _SIGN_COLUMNS),
                   *(conflicts.c[name].label(label)
-                    for label, name in _CONFLICT_COLUMNS.items())).select_from(
+                    for label, name in _CONFLICT_COLUMNS.items()),
+                  drains.c.requested_at.label("drain_requested_at")).select_from(
         agents.outerjoin(signs, signs.c.agent_id == agents.c.agent_id)
-        .outerjoin(conflicts, conflicts.c.agent_id == agents.c.agent_id))
+        .outerjoin(conflicts, conflicts.c.agent_id == agents.c.agent_id)
+        .outerjoin(drains, drains.c.agent_id == agents.c.agent_id))
 
 
 def _record(row: RowMapping) -> AgentRecord:

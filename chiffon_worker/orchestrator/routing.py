@@ -24,16 +24,25 @@ resources (with no positive need: the most free cores); ties go to the lowest ag
 An agent whose free VRAM is unknown (``gpu_vram_known`` false) never meets a positive
 ``gpu_vram_gb`` need: it is neither free nor full, so nothing can be promised there. The
 flat VRAM figures come from the primary GPU that is not unhealthy, so a faulted GPU is
-never routed to. Nothing is reserved: two quick submits may pick the same agent until
-its next heartbeat shows the load.
+never routed to.
+
+A capacity placement reserves what it asked for on the chosen agent, in the registry
+transaction that chose it, under a lock every submitter takes: two submitters (threads,
+processes, hosts; SQLite or PostgreSQL) never both take the last room on an agent, and
+ten 8 GiB submits at once spread over the agents that have room instead of landing on
+one. What an agent can still be promised, and how long a reservation lasts, is
+:mod:`.reservations`. Work that fits nowhere fails with :class:`NoFitError`, or, with
+``wait_for_room_seconds``, waits (in the submitter) for room to free.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +50,16 @@ from kombu.entity import Queue
 from kombu.exceptions import OperationalError
 
 from chiffon_worker.config import Config, mask_url
-from chiffon_worker.errors import ChiffonError, ProtocolError, RoutingError
+from chiffon_worker.errors import ChiffonError, ProtocolError, RegistryError, RoutingError
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
+from chiffon_worker.orchestrator.reservations import (
+    HeartbeatTiming,
+    Held,
+    Reservation,
+    WorkState,
+    held_by_agent,
+    promisable,
+)
 from chiffon_worker.protocol import WorkRequest, WorkResult
 from chiffon_worker.snapshot import NEED_FIELDS
 from chiffon_worker.wire import EXECUTE_WORK_TASK, agent_queue_name, declared_queue, is_queue_name
@@ -52,18 +69,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Need:
-    """A routable resource: the registry attribute holding it and how to say it."""
+    """A routable resource: the registry attribute holding what is free of it, the one
+    holding the agent's whole capacity (reservations count against it), and how to say
+    it."""
 
     attribute: str
+    total: str
     unit: str
     noun: str
 
 
-#: ``needs`` keys -> the agent attribute they are compared with (the snapshot fields
+#: ``needs`` keys -> the agent attributes they are compared with (the snapshot fields
 #: declared with a ``Need``).
 NEEDS: dict[str, Need] = {
-    f.need.key: Need(f.name, f.unit_suffix, f.need.noun) for f in NEED_FIELDS
+    f.need.key: Need(f.name, f.need.total, f.unit_suffix, f.need.noun) for f in NEED_FIELDS
     if f.need is not None}
+
+
+def submitter() -> str:
+    """Who places work (``<host>:<pid>``), stored with each reservation."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+#: The reservation lifetime when no Config is given (seconds; Config's default).
+DEFAULT_RESERVATION_TTL_SECONDS = 3600.0
+
+
+class NoFitError(RoutingError):
+    """No online agent has room for the needs right now (others may free some)."""
 
 
 def work_queue(name: str) -> Queue:
@@ -94,71 +127,117 @@ def _fmt(value: float) -> str:
 KNOWN_FLAGS = {"gpu_vram_gb": "gpu_vram_known"}
 
 
-def available(record: AgentRecord, key: str) -> float | None:
-    """What ``record`` has free of need ``key``; ``None`` when the agent does not know
-    (free VRAM of an Intel GPU, a runtime-suspended one): it cannot be promised."""
+def available(record: AgentRecord, key: str, held: Held | None = None) -> float | None:
+    """What can be promised to new work of need ``key`` on ``record``: its heartbeat
+    figure less what ``held`` (its active reservations) takes (see
+    :mod:`.reservations`); ``None`` when the agent does not know (free VRAM of an Intel
+    GPU, a runtime-suspended one): it cannot be promised."""
     flag = KNOWN_FLAGS.get(key)
     if flag is not None and record.metrics.get(flag) is False:
         return None
-    return record.number(NEEDS[key].attribute)
+    need = NEEDS[key]
+    return promisable(record.number(need.attribute), record.number(need.total), held, key)
 
 
-def _headroom(record: AgentRecord, needs: Mapping[str, float]) -> float:
-    ratios = [(available(record, key) or 0.0) / need for key, need in needs.items() if need > 0]
-    return min(ratios) if ratios else record.number("cpu_cores_available")
+class _Choice:
+    """One agent's standing for some needs, given what its reservations hold."""
 
+    def __init__(self, record: AgentRecord, needs: Mapping[str, float], held: Held | None
+                 ) -> None:
+        self.record = record
+        self.have = {key: available(record, key, held) for key in needs}
+        self.short = [key for key, need in needs.items()
+                      if need > 0 and ((self.have[key] or 0.0) < need
+                                       or self.have[key] is None)]
+        ratios = [(self.have[key] or 0.0) / need for key, need in needs.items() if need > 0]
+        self.headroom = min(ratios) if ratios else record.number("cpu_cores_available")
 
-def _fits(record: AgentRecord, needs: Mapping[str, float]) -> bool:
-    for key, need in needs.items():
-        have = available(record, key)
-        if need > 0 and (have is None or have < need):
-            return False
-    return True
-
-
-def _has(record: AgentRecord, key: str) -> str:
-    have = available(record, key)
-    if have is None:
-        return f"unknown {NEEDS[key].noun}"
-    return f"{_fmt(have)}{NEEDS[key].unit} {NEEDS[key].noun}"
+    def says(self, key: str) -> str:
+        have = self.have[key]
+        if have is None:
+            return f"unknown {NEEDS[key].noun}"
+        return f"{_fmt(have)}{NEEDS[key].unit} {NEEDS[key].noun}"
 
 
 def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
-               pool: str | None = None, now: float | None = None) -> AgentRecord:
+               pool: str | None = None, now: float | None = None,
+               held: Mapping[str, Held] | None = None) -> AgentRecord:
     """The online agent (of ``pool``) with the most headroom meeting ``needs``.
 
-    ``now`` is unix seconds (default: the current time). Raises RoutingError naming the
-    pool, the needs, and the closest candidate when none fits.
+    ``now`` is unix seconds (default: the current time); ``held``: what each agent's
+    active reservations hold (by agent id). Raises RoutingError when no agent is online,
+    and NoFitError naming the pool, the needs and the closest candidate when none fits.
     """
     wanted = check_needs(needs)
     moment = time.time() if now is None else now
     where = f" in pool {pool}" if pool else ""
     known = [r for r in records if pool is None or r.pool == pool]
-    online = [r for r in known if r.liveness(moment) == "online"]
+    alive = [r for r in known if r.liveness(moment) == "online"]
+    online = [r for r in alive if r.takes_work(moment)]
     if not online:
+        if alive:
+            raise RoutingError(f"no online agent{where} takes work: {len(alive)} online but "
+                               "drained or not accepting work")
         detail = f" ({len(known)} known, all offline)" if known else ""
         raise RoutingError(f"no online agent{where}{detail}")
-    ranked = sorted(online, key=lambda r: (-_headroom(r, wanted), r.agent_id))
-    for record in ranked:
-        if _fits(record, wanted):
-            return record
+    holding = held or {}
+    ranked = sorted((_Choice(r, wanted, holding.get(r.agent_id)) for r in online),
+                    key=lambda c: (-c.headroom, c.record.agent_id))
+    for choice in ranked:
+        if not choice.short:
+            return choice.record
     best = ranked[0]
     asked = " and ".join(f"{_fmt(v)}{NEEDS[k].unit} {NEEDS[k].noun}" for k, v in wanted.items())
-    short = [k for k, v in wanted.items() if not _fits(best, {k: v})]
-    has = ", ".join(_has(best, k) for k in short)
-    raise RoutingError(f"no online agent{where} has {asked}; best has {has} "
-                       f"({best.agent_id})")
+    has = ", ".join(best.says(k) for k in best.short)
+    reserved = holding.get(best.record.agent_id)
+    note = f", {reserved.count} placement(s) holding part of it" if reserved else ""
+    raise NoFitError(f"no online agent{where} has {asked}; best has {has} "
+                     f"({best.record.agent_id}{note})")
+
+
+def best_fit(candidates: Iterable[AgentRecord], needs: Mapping[str, float],
+             reservations: Iterable[Reservation], now: float) -> AgentRecord | None:
+    """The online agent with the most headroom meeting ``needs`` once its active
+    ``reservations`` are subtracted, from ``candidates`` ordered best first by their
+    heartbeat figures alone; None when none fits. Stops at the first candidate whose
+    heartbeat headroom is below the best fit's (reservations only lower it)."""
+    by_agent: dict[str, list[Reservation]] = {}
+    for reservation in reservations:
+        by_agent.setdefault(reservation.agent_id, []).append(reservation)
+    best: _Choice | None = None
+    for record in candidates:
+        if best is not None and _Choice(record, needs, None).headroom <= best.headroom:
+            break  # it cannot do better, and a tie goes to the one found first
+        if not record.takes_work(now):
+            continue
+        mine = by_agent.get(record.agent_id)
+        held = held_by_agent(mine, timing_of([record]), now).get(record.agent_id) \
+            if mine else None
+        choice = _Choice(record, needs, held)
+        if choice.short:
+            continue
+        if best is None or choice.headroom > best.headroom:
+            best = choice
+    return None if best is None else best.record
+
+
+def timing_of(records: Iterable[AgentRecord]) -> dict[str, HeartbeatTiming]:
+    """Each agent's newest heartbeat collection time and interval, by agent id."""
+    return {r.agent_id: HeartbeatTiming(r.collected_at, r.heartbeat_interval_seconds)
+            for r in records}
 
 
 class Submission:
     """A submitted work request: where it went, and a way to wait for its result."""
 
     def __init__(self, request: WorkRequest, queue: str, agent_id: str | None,
-                 async_result: Any) -> None:
+                 async_result: Any, *,
+                 on_result: Callable[[WorkResult], None] | None = None) -> None:
         self.request = request
         self.queue = queue
         self.agent_id = agent_id
         self.async_result = async_result
+        self._on_result = on_result
 
     @property
     def work_id(self) -> str:
@@ -175,13 +254,17 @@ class Submission:
             raise ChiffonError(f"no result for work {self.work_id} within {timeout:g} s "
                                f"(it may still be queued on {self.queue} or running)") from None
         if isinstance(value, BaseException):
-            return WorkResult.failure(self.work_id, f"{type(value).__name__}: {value}",
-                                      self.agent_id or "")
-        try:
-            return WorkResult.from_json(value)
-        except ProtocolError as exc:
-            raise ChiffonError(f"work {self.work_id} returned an invalid result: {exc}"
-                               ) from None
+            result = WorkResult.failure(self.work_id, f"{type(value).__name__}: {value}",
+                                        self.agent_id or "")
+        else:
+            try:
+                result = WorkResult.from_json(value)
+            except ProtocolError as exc:
+                raise ChiffonError(f"work {self.work_id} returned an invalid result: {exc}"
+                                   ) from None
+        if self._on_result is not None:
+            self._on_result(result)
+        return result
 
 
 class Router:
@@ -193,7 +276,8 @@ class Router:
     """
 
     def __init__(self, config: Config | None = None, *, registry: Registry | None = None,
-                 broker_url: str | None = None, result_backend: str | None = None) -> None:
+                 broker_url: str | None = None, result_backend: str | None = None,
+                 reservation_ttl_seconds: float | None = None) -> None:
         if config is None and not (broker_url and result_backend):
             config = Config()
         self._config = config
@@ -202,6 +286,9 @@ class Router:
         self.broker_url = broker_url or (config.effective_broker_url if config else "")
         self.result_backend = result_backend or (
             config.effective_result_backend if config else "")
+        #: how long a placement holds its reservation at most (seconds)
+        self.reservation_ttl_seconds = reservation_ttl_seconds or (
+            config.reservation_ttl_seconds if config else DEFAULT_RESERVATION_TTL_SECONDS)
         self._app: Any = None
 
     @property
@@ -229,16 +316,22 @@ class Router:
         return self._registry
 
     def submit(self, request: WorkRequest, *, pool: str | None = None,
-               needs: Mapping[str, Any] | None = None) -> Submission:
+               needs: Mapping[str, Any] | None = None,
+               wait_for_room_seconds: float = 0.0) -> Submission:
         """Publish ``request``: to the best agent for ``needs``, else to ``pool``'s queue.
 
-        Without ``needs`` or ``pool`` the configured ``agent_pool_name`` is used.
+        Without ``needs`` or ``pool`` the configured ``agent_pool_name`` is used. With
+        ``needs`` the placement reserves them on the chosen agent (see
+        :mod:`.reservations`); when no online agent has room, NoFitError, or, with
+        ``wait_for_room_seconds``, the placement is tried again every second until one
+        has (work ending releases what it held) or that time is up.
         """
         agent_id: str | None = None
+        on_result: Callable[[WorkResult], None] | None = None
         if needs is not None:
-            chosen = pick_agent(self.registry.agents(pool), needs, pool=pool)
-            agent_id = chosen.agent_id
+            agent_id = self._place(request, needs, pool, wait_for_room_seconds)
             queue = agent_queue_name(agent_id)
+            on_result = self._releaser(request.work_id)
         else:
             queue = pool or (self._config or Config()).agent_pool_name
         declaration = work_queue(queue)
@@ -247,10 +340,70 @@ class Router:
                 EXECUTE_WORK_TASK, args=[request.to_dict()], task_id=request.work_id,
                 queue=declaration, serializer="json")
         except (OSError, OperationalError) as exc:
+            if agent_id is not None:
+                self.registry.cancel_reservation(request.work_id)
             raise RoutingError(f"cannot publish to {queue} on {mask_url(self.broker_url)}: "
                                f"{exc}") from None
         log.info("work %s (%s) -> %s", request.work_id, request.work_type, queue)
-        return Submission(request, queue, agent_id, async_result)
+        return Submission(request, queue, agent_id, async_result, on_result=on_result)
+
+    def _place(self, request: WorkRequest, needs: Mapping[str, Any], pool: str | None,
+               wait_for_room_seconds: float) -> str:
+        """Choose an agent and reserve ``needs`` on it in one locked transaction; returns
+        the agent id (retrying for up to ``wait_for_room_seconds`` while nothing fits)."""
+        wanted = check_needs(needs)
+        deadline = time.monotonic() + wait_for_room_seconds
+        while True:
+            try:
+                return self.place(request, wanted, pool)
+            except NoFitError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(1.0, left))
+
+    def place(self, request: WorkRequest, needs: Mapping[str, float], pool: str | None,
+              now: float | None = None) -> str:
+        """One placement attempt (see :meth:`submit`); returns the chosen agent's id.
+
+        The candidates come from the database best first by their heartbeat figures; as
+        reservations only lower an agent's standing, the scan stops at the first agent
+        whose heartbeat alone ranks below the best fit found. When none fits, every agent
+        is read to name the closest one in the error."""
+        registry = self.registry
+        moment = time.time() if now is None else now
+        with registry.placement() as conn:
+            if registry.work_known(conn, request.work_id):
+                raise RoutingError(f"work {request.work_id} is already placed; give each "
+                                   "piece of work its own id")
+            reservations = registry.active_reservations(conn, moment)
+            chosen = best_fit(registry.candidates(
+                conn, pool=pool, now=moment,
+                at_least={NEEDS[k].attribute: v for k, v in needs.items() if v > 0},
+                not_false=["accepting", *(KNOWN_FLAGS[k] for k, v in needs.items()
+                                          if v > 0 and k in KNOWN_FLAGS)],
+                rank_by={NEEDS[k].attribute: v for k, v in needs.items() if v > 0},
+                default_rank=NEEDS["cores"].attribute), needs, reservations, moment)
+            if chosen is None:
+                records = registry.agents_on(conn, pool)
+                held = held_by_agent(reservations, timing_of(records), moment)
+                chosen = pick_agent(records, needs, pool=pool, now=moment, held=held)
+            registry.reserve(conn, Reservation(
+                work_id=request.work_id, agent_id=chosen.agent_id, pool=chosen.pool,
+                work_type=request.work_type,
+                needs={key: amount for key, amount in needs.items() if amount > 0},
+                state="placed", placed_at=moment,
+                expires_at=moment + self.reservation_ttl_seconds, submitter=submitter()))
+        return chosen.agent_id
+
+    def _releaser(self, work_id: str) -> Callable[[WorkResult], None]:
+        def release(result: WorkResult) -> None:
+            state: WorkState = "succeeded" if result.status == "success" else "failed"
+            try:
+                self.registry.end_work(work_id, state, time.time())
+            except RegistryError as exc:  # the agent's task events end it too
+                log.warning("work %s: reservation not released: %s", work_id, exc)
+        return release
 
     def close(self) -> None:
         """Close broker connections (and the registry if this router opened it).
@@ -283,11 +436,12 @@ class Router:
 
 
 def submit(work_request: WorkRequest, *, pool: str | None = None,
-           needs: Mapping[str, Any] | None = None, router: Router | None = None
-           ) -> Submission:
+           needs: Mapping[str, Any] | None = None, router: Router | None = None,
+           wait_for_room_seconds: float = 0.0) -> Submission:
     """Submit with ``router`` or a new :class:`Router` from ``Config()``.
 
     Keep the router open while waiting on the result: with the ``rpc://`` backend the
     result comes back to the app that sent the task.
     """
-    return (router or Router()).submit(work_request, pool=pool, needs=needs)
+    return (router or Router()).submit(work_request, pool=pool, needs=needs,
+                                       wait_for_room_seconds=wait_for_room_seconds)

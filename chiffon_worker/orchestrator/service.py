@@ -1,8 +1,12 @@
-"""``chiffon orchestrator``: consumer + registry + worker events + ``/metrics`` in one process.
+"""``chiffon orchestrator``: consumer + registry + worker events + drains + ``/metrics`` in
+one process.
 
 The consumer runs in the calling thread; the metrics server in a daemon thread.
 SIGTERM and SIGINT ask the consumer to stop: it commits and acks what it holds, closes
-the broker connection, and :func:`run_orchestrator` returns.
+the broker connection, and :func:`run_orchestrator` returns. A broker that refuses the
+login, to the consumer or to the worker-event listener, stops everything too:
+:meth:`Orchestrator.run` then raises :class:`~chiffon_worker.errors.BrokerLoginRefused`
+(``chiffon orchestrator`` exits 2 with one line), where other broker faults are retried.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import threading
 from types import FrameType
 
 from chiffon_worker.config import Config, mask_url
+from chiffon_worker.errors import BrokerLoginRefused
+from chiffon_worker.orchestrator.agent_control import AgentControl
 from chiffon_worker.orchestrator.batch_writer import BatchWriter
+from chiffon_worker.orchestrator.drain_enforcer import DrainEnforcer
 from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
 from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
@@ -42,7 +49,10 @@ class Orchestrator:
         self.metrics: MetricsServer | None = None
         self.events: WorkerEventListener | None = None
         self._events_thread: threading.Thread | None = None
+        self._drains_control: AgentControl | None = None
+        self._drains_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._refused: BrokerLoginRefused | None = None
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from signal handlers and other threads)."""
@@ -52,8 +62,16 @@ class Orchestrator:
         if self.events is not None:
             self.events.stop()
 
+    def on_refused(self, refused: BrokerLoginRefused) -> None:
+        """The broker refused a login: stop, and have :meth:`run` raise ``refused``."""
+        self._refused = refused
+        self.stop()
+
     def run(self) -> None:
-        """Open the registry, serve metrics, consume until stopped; always cleans up."""
+        """Open the registry, serve metrics, consume until stopped; always cleans up.
+
+        Raises BrokerLoginRefused when the broker refuses the login (of the consumer or of
+        the worker-event listener), RegistryError when the registry fails."""
         self.registry = Registry.from_config(self.config)
         try:
             trimmed = self.registry.trim_history()
@@ -79,11 +97,20 @@ class Orchestrator:
                      "required" if self.config.heartbeat_secret else "not required")
             if self._stop.is_set():
                 return
-            self.events = WorkerEventListener(self.config.effective_broker_url, self.registry)
+            self.events = WorkerEventListener(self.config.effective_broker_url, self.registry,
+                                              on_refused=self.on_refused)
             self._events_thread = threading.Thread(target=self.events.run, daemon=True,
                                                    name="chiffon-worker-events")
             self._events_thread.start()
+            # drains an agent missed while it was away are sent again once it is back
+            self._drains_control = AgentControl(self.config.effective_broker_url)
+            self._drains_thread = threading.Thread(
+                target=DrainEnforcer(self._drains_control).follow,
+                args=(self.registry, self._stop), daemon=True, name="chiffon-drain-enforcer")
+            self._drains_thread.start()
             self.consumer.run()
+            if self._refused is not None:
+                raise self._refused
         finally:
             self.close()
 
@@ -94,6 +121,13 @@ class Orchestrator:
         if self._events_thread is not None:
             self._events_thread.join(timeout=5.0)
             self._events_thread = None
+        self._stop.set()
+        if self._drains_thread is not None:
+            self._drains_thread.join(timeout=10.0)
+            self._drains_thread = None
+        if self._drains_control is not None:
+            self._drains_control.close()
+            self._drains_control = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

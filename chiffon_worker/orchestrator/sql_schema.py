@@ -33,13 +33,15 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeEngine
 
 from chiffon_worker.errors import ProtocolError
-from chiffon_worker.snapshot import STORED_FIELDS, Field
+from chiffon_worker.snapshot import NEED_FIELDS, STORED_FIELDS, Field
 from chiffon_worker.snapshot import Column as ColumnSpec
 
 #: The schema this code writes; bump it and add a migration when a table changes.
 #: 2: GPU health, power, processes and whether free VRAM is known (``agents`` columns
 #: added by :func:`missing_agent_columns`, NULL for agents that have not reported them).
-SCHEMA_VERSION = 2
+#: 3: ``accepting``, ``accepting_reason`` and ``work_running`` (drain), added the same
+#: way. New tables (``chiffon_drains``) need no bump: ``create_all`` adds them anywhere.
+SCHEMA_VERSION = 3
 #: Largest values of the integer column types (``integer``: 32-bit, ``bigint``: 64-bit).
 INT_LIMITS = {"integer": (1 << 31) - 1, "bigint": (1 << 63) - 1}
 
@@ -125,6 +127,46 @@ conflicts = Table(
     Column("seen_at", Float, nullable=False),
 )
 
+#: The keys work can need (``needs={key: amount}``), one reservation column each.
+NEED_KEYS: tuple[str, ...] = tuple(f.need.key for f in NEED_FIELDS if f.need is not None)
+
+#: Placed work and the capacity it holds against its agent until it ends (see
+#: ``orchestrator/reservations.py``); also work the agents' task events show running.
+#: One row per work id, kept a day after it ended. Additive: created by ``create_all``.
+reservations = Table(
+    "chiffon_reservations", metadata,
+    Column("work_id", agents.c.agent_id.type, primary_key=True),
+    Column("agent_id", agents.c.agent_id.type, nullable=False, index=True),
+    Column("pool", agents.c.agent_id.type, nullable=False),
+    Column("work_type", agents.c.agent_id.type, nullable=False),
+    *(Column(key, Float, nullable=False) for key in NEED_KEYS),
+    Column("state", String(16), nullable=False),
+    Column("placed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("ended_at", Float, nullable=True),
+    Column("submitter", agents.c.agent_id.type, nullable=False),
+)
+
+#: One row whose update serialises placements across threads, processes and hosts (a
+#: row lock on PostgreSQL, the write lock on SQLite): read, choose and reserve happen
+#: under it, so two submitters never both take the last room on an agent.
+placement_lock = Table(
+    "chiffon_placement_lock", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("placements", BigInteger, nullable=False),
+)
+
+#: Operators' drain requests (``chiffon drain``), one row per agent: routing skips the
+#: agent and the orchestrator re-sends the drain to it until its heartbeats say it is not
+#: accepting. Its own table (additive: created in an existing registry by ``create_all``).
+drains = Table(
+    "chiffon_drains", metadata,
+    Column("agent_id", agents.c.agent_id.type, primary_key=True),
+    Column("requested_at", Float, nullable=False),  # unix seconds
+    Column("requested_by", Text, nullable=False),   # user@host of the operator
+)
+
 #: Columns of ``agents`` copied straight from a snapshot's keys (``agent_id`` first).
 SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS)
 #: Those of them every snapshot carries, and those older agents may leave out.
@@ -134,7 +176,8 @@ OPTIONAL_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS if not f
 
 def missing_agent_columns(present: set[str]) -> list[Column[Any]]:
     """The columns of ``agents`` a registry made by an older chiffon lacks, given the
-    names it has (the step from schema 1 to 2: every such column is nullable)."""
+    names it has (the step from any older schema to this one: every such column is
+    nullable)."""
     return [c for c in agents.columns if c.name not in present]
 #: Columns of ``history`` holding metrics (besides agent_id, slot, received_at).
 HISTORY_METRICS: tuple[str, ...] = tuple(f.name for f, spec in _STORED if spec.history)

@@ -5,13 +5,19 @@ Every agent's worker sends Celery events (``worker_send_task_events`` is on, for
 clean stop. :class:`WorkerEventListener` reads them the way Flower does, from a private
 auto-delete queue bound to the ``celeryev`` topic exchange with ``worker.#``, keeps the
 newest per agent in memory and writes them to the registry's ``chiffon_signs_of_life``
-once per ``flush_seconds``; :func:`~.liveness.liveness_of` turns them into ``online``,
+once per ``flush_seconds``. Task events (``task.#``) say when placed work starts and
+ends: they go to ``chiffon_reservations`` (``Registry.record_work_events``), which ends
+what a placement held; :func:`~.liveness.liveness_of` turns them into ``online``,
 ``stopped`` and ``lost``. Times stored are receipt times (the orchestrator's clock).
 
 A worker named ``<agent_id>@<host>`` (the agent's default name) is matched to the agent
 ``agent_id``; events of workers that are not agents in the registry are ignored. The
 broker traffic this reads is what every agent already sends for Flower: one event of
 about 280 bytes of body every 2 s per agent (~8.4 KB a minute; ``bench/liveness.py``).
+
+A broker that refuses the login ends the listener instead of being retried: it keeps the
+:class:`~chiffon_worker.errors.BrokerLoginRefused` in :attr:`WorkerEventListener.refused`
+and calls ``on_refused`` with it (the orchestrator stops with exit status 2).
 """
 
 from __future__ import annotations
@@ -24,13 +30,19 @@ from typing import Any
 
 from celery.events.event import get_exchange
 from kombu.connection import Connection
-from kombu.entity import Queue
+from kombu.entity import Queue, binding
 from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
-from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator.registry import Registry
-from chiffon_worker.wire import WORKER_EVENTS_EXCHANGE, WORKER_EVENTS_ROUTING_KEY
+from chiffon_worker.errors import BrokerLoginRefused, RegistryError
+from chiffon_worker.orchestrator.registry import Registry, WorkEvent
+from chiffon_worker.orchestrator.reservations import EVENT_STATES
+from chiffon_worker.wire import (
+    EXECUTE_WORK_TASK,
+    TASK_EVENTS_ROUTING_KEY,
+    WORKER_EVENTS_EXCHANGE,
+    WORKER_EVENTS_ROUTING_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,8 @@ DEFAULT_EVENT_INTERVAL_SECONDS = 2.0
 #: How often the set of known agent ids is read again from the registry (seconds).
 KNOWN_REFRESH_SECONDS = 5.0
 _CONNECT_TIMEOUT_SECONDS = 5
+#: Most events read from one message (workers buffer task events into lists).
+_MAX_EVENTS_PER_MESSAGE = 10_000
 
 
 def agent_id_of(worker_name: str) -> str:
@@ -53,13 +67,18 @@ class WorkerEventListener:
     """Follows worker events on ``broker_url`` into ``registry`` until :meth:`stop`.
 
     ``flush_seconds``: how often signs are written (and how long an idle read waits);
-    ``clock``: receipt times (unix seconds); tests pass their own.
+    ``clock``: receipt times (unix seconds); tests pass their own;
+    ``on_refused``: called (in the listener's thread) when the broker refuses the login.
     """
 
     def __init__(self, broker_url: str, registry: Registry, *, flush_seconds: float = 0.25,
                  reconnect_max_seconds: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_refused: Callable[[BrokerLoginRefused], None] | None = None) -> None:
         self.broker_url = broker_url
+        self.on_refused = on_refused
+        #: why the listener ended, when the broker refused its login
+        self.refused: BrokerLoginRefused | None = None
         self.registry = registry
         self.flush_seconds = flush_seconds
         self.reconnect_max_seconds = reconnect_max_seconds
@@ -70,6 +89,7 @@ class WorkerEventListener:
         self._pending: dict[str, dict[str, Any]] = {}
         self._newest: dict[str, dict[str, Any]] = {}
         self._known: set[str] = set()
+        self._work: list[WorkEvent] = []
         self._known_at = float("-inf")
 
     def stop(self) -> None:
@@ -77,7 +97,8 @@ class WorkerEventListener:
         self._stop.set()
 
     def run(self) -> None:
-        """Consume events until stopped, reconnecting with back-off after broker loss."""
+        """Consume events until stopped, reconnecting with back-off after broker loss; a
+        refused login ends it (see :attr:`refused`)."""
         delay = 1.0
         while not self._stop.is_set():
             conn = Connection(self.broker_url, connect_timeout=_CONNECT_TIMEOUT_SECONDS)
@@ -87,6 +108,8 @@ class WorkerEventListener:
                 delay = 1.0
                 self._consume(conn)
             except recoverable as exc:
+                if self._refused(exc):
+                    break
                 log.warning("worker events on %s: %s; reconnecting in %.0f s",
                             mask_url(self.broker_url), str(exc)[:200] or type(exc).__name__,
                             delay)
@@ -100,12 +123,27 @@ class WorkerEventListener:
                     log.debug("closing the events connection: %s", exc)
         self.flush()
 
+    def _refused(self, exc: BaseException) -> bool:
+        """If ``exc`` is a refused login: keep it, stop, tell ``on_refused``; returns whether
+        it was."""
+        refused = BrokerLoginRefused.from_error(mask_url(self.broker_url), exc)
+        if refused is None:
+            return False
+        self.refused = refused
+        self.stop()
+        if self.on_refused is not None:
+            self.on_refused(refused)
+        return True
+
     def _consume(self, conn: Connection) -> None:
         # as Celery's event dispatcher declares it: a topic exchange, fanout on Redis
         exchange = get_exchange(conn, WORKER_EVENTS_EXCHANGE)
-        queue = Queue(f"chiffon.orchestrator.events.{id(self):x}.{int(time.time())}", exchange,
-                      routing_key=WORKER_EVENTS_ROUTING_KEY, auto_delete=True, durable=False,
-                      exclusive=True, message_ttl=10.0)
+        keys = [WORKER_EVENTS_ROUTING_KEY, TASK_EVENTS_ROUTING_KEY]
+        if exchange.type == "fanout":  # Redis: every event arrives through one binding
+            keys = keys[:1]
+        queue = Queue(f"chiffon.orchestrator.events.{id(self):x}.{int(time.time())}",
+                      bindings=[binding(exchange, routing_key=key) for key in keys],
+                      auto_delete=True, durable=False, exclusive=True, message_ttl=10.0)
         consumer = Consumer(conn.channel(), queues=[queue], callbacks=[self.record_event],
                             accept=["json"], no_ack=True)
         consumer.consume()
@@ -122,7 +160,12 @@ class WorkerEventListener:
                 last_write = time.monotonic()
 
     def record_event(self, body: Any, _message: Any = None) -> None:
-        """Note one event (a decoded Celery event body); invalid ones are ignored."""
+        """Note one event (a decoded Celery event body; a worker sends its task events
+        buffered, several in one list); invalid ones are ignored."""
+        if isinstance(body, list):
+            for event in body[:_MAX_EVENTS_PER_MESSAGE]:
+                self.record_event(event)
+            return
         if not isinstance(body, dict):
             return
         kind, name = body.get("type"), body.get("hostname")
@@ -130,6 +173,9 @@ class WorkerEventListener:
             return
         now = self.clock()
         agent_id = agent_id_of(name)
+        if kind.startswith("task-"):
+            self._record_work(kind, body, agent_id, now)
+            return
         freq = body.get("freq")
         interval = float(freq) if isinstance(freq, int | float) and not isinstance(
             freq, bool) and 0 < freq <= 3600 else DEFAULT_EVENT_INTERVAL_SECONDS
@@ -147,8 +193,26 @@ class WorkerEventListener:
         self._newest[agent_id] = row
         self._pending[agent_id] = row
 
+    def _record_work(self, kind: str, body: dict[str, Any], agent_id: str, now: float) -> None:
+        """Note what a task event says about a piece of work (receipt time ``now``)."""
+        state = EVENT_STATES.get(kind)
+        work_id = body.get("uuid")
+        if state is None or not isinstance(work_id, str) or not work_id:
+            return
+        if kind == "task-received" and body.get("name") != EXECUTE_WORK_TASK:
+            return
+        self._work.append(WorkEvent(work_id, agent_id, state, now))
+
     def flush(self) -> None:
-        """Write the signs that changed since the last write, for agents in the registry."""
+        """Write the signs that changed since the last write (for agents in the registry)
+        and the work the task events showed starting and ending."""
+        if self._work:
+            work, self._work = self._work, []
+            try:
+                self.registry.record_work_events(work)
+            except RegistryError as exc:
+                log.error("%s (work events kept for the next write)", exc)
+                self._work = work + self._work
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

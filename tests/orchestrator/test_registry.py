@@ -229,7 +229,7 @@ def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
         url, schema = POSTGRES_URL, request.getfixturevalue("pg_schema")
     _first_release_registry_holding_an_agent(url, schema)
     with Registry(url, schema=schema) as registry:
-        assert registry.schema_version() == sql_schema.SCHEMA_VERSION == 2
+        assert registry.schema_version() == sql_schema.SCHEMA_VERSION == 3
         old = registry.agent("old-1")
         assert old is not None and old.metrics["gpu_health"] is None
         feed(registry, make_snapshot("new-1", gpu_health="degraded", gpu_power_draw_w=312.5,
@@ -239,4 +239,4 @@ def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
         assert (new.gpu_health, new.gpu_power_draw_w, new.gpu_vram_known,
                 new.gpu_processes) == ("degraded", 312.5, False, 3)
     with Registry(url, schema=schema) as again:  # opening it again changes nothing
-        assert again.schema_version() == 2
+        assert again.schema_version() == 3

@@ -145,8 +145,11 @@ def test_a_capacity_submit_goes_to_the_chosen_agents_own_queue(
     with Router(broker_url=rabbitmq_url, result_backend="rpc://",
                 registry=three_agents) as router:
         submission = router.submit(request, needs={"gpu_vram_gb": 8}, pool="desktop_pool_1")
-        with pytest.raises(RoutingError, match=r"best has 20.5 GiB free VRAM \(big\)"):
-            router.submit(request, needs={"gpu_vram_gb": 64}, pool="desktop_pool_1")
+        # the 8 GiB just placed on big is held: 20.5 - 8 = 12.5 GiB left to promise
+        with pytest.raises(RoutingError, match=r"best has 12.5 GiB free VRAM \(big, 1 "
+                                               r"placement\(s\) holding part of it\)"):
+            router.submit(WorkRequest(f"w-{uuid.uuid4()}", "train", {}),
+                          needs={"gpu_vram_gb": 64}, pool="desktop_pool_1")
     assert (submission.queue, submission.agent_id) == (agent_queue, "big")
     message = _take_one(rabbitmq_url, agent_queue)
     assert json.loads(message.body)[0] == [request.to_dict()]
@@ -251,3 +254,18 @@ def test_an_older_agent_that_sent_zero_for_a_null_free_vram_counts_as_unknown(
     _pool_of(sqlite_registry, older)
     record = sqlite_registry.agent("old-intel")
     assert record is not None and record.gpu_vram_known is False
+
+
+def test_a_drained_agent_is_never_chosen(three_agents: Registry) -> None:
+    three_agents.drain("big", "operator@test", now=NOW)
+    agent = pick_agent(three_agents.agents(), {"gpu_vram_gb": 4}, pool="desktop_pool_1",
+                       now=NOW + 1)
+    assert agent.agent_id == "mid"
+
+
+def test_an_agent_that_says_it_takes_no_work_is_never_chosen(
+        sqlite_registry: Registry) -> None:
+    _pool_of(sqlite_registry, make_snapshot("busy-owner", accepting=False,
+                                            accepting_reason="drained"))
+    with pytest.raises(RoutingError, match="1 online but drained or not accepting work"):
+        pick_agent(sqlite_registry.agents(), {"cores": 1}, now=NOW + 1)

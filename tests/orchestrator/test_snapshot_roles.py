@@ -29,6 +29,8 @@ AGENTS_COLUMNS = {
     # schema 2 (added to older registries by the upgrade)
     "gpu_vram_known", "gpu_health", "gpu_power_draw_w", "gpu_power_limit_w", "gpu_processes",
     "gpu_foreign_processes", "gpu_foreign_memory_gb",
+    # schema 3 (drain: added the same way)
+    "accepting", "accepting_reason", "work_running",
 }
 HISTORY_COLUMNS = {"agent_id", "slot", "received_at", "cpu_load_1min", "cpu_cores_available",
                    "memory_available_gb", "gpu_vram_available_gb"}
@@ -65,7 +67,7 @@ def test_every_history_field_has_a_history_column_and_a_point_attribute(field: F
 
 def test_a_record_has_an_attribute_for_every_agents_column() -> None:
     attributes = {f.name for f in dataclasses.fields(AgentRecord)} - {
-        "metrics", "signs", "conflict"}
+        "metrics", "signs", "conflict", "drain_requested_at"}
     assert attributes | METRIC_NAMES == AGENTS_COLUMNS
     assert not attributes & METRIC_NAMES
 

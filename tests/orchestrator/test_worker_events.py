@@ -111,3 +111,17 @@ def test_an_unusable_event_interval_falls_back_to_celerys_default(
     listener.flush()
     signs = _signs(registry)
     assert signs is not None and signs.event_interval_seconds == 2.0
+
+
+def test_task_events_a_worker_buffers_into_one_message_are_each_recorded(
+        sqlite_registry: Registry) -> None:
+    listener = WorkerEventListener("memory://", sqlite_registry, clock=lambda: 1000.0)
+    listener.record_event([
+        {"type": "task-received", "hostname": "a1@h", "uuid": "w1",
+         "name": "chiffon.execute_work"},
+        {"type": "task-started", "hostname": "a1@h", "uuid": "w1"},
+    ])
+    listener.flush()
+    (work,) = sqlite_registry.work()
+    assert (work.work_id, work.agent_id, work.state, work.started_at) == (
+        "w1", "a1", "running", 1000.0)
