@@ -68,6 +68,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from chiffon_worker.errors import ConfigError
 from chiffon_worker.settings_spec import (
     ENV_PREFIX,
+    Check,
     InvalidValue,
     Key,
     bounded,
@@ -93,6 +94,11 @@ _BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss", "memory")
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 _POOLS = ("solo", "threads", "prefork")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``queue_type`` values (``wire.CLASSIC_QUEUE``, ``wire.QUORUM_QUEUE``; config imports no kombu).
+_QUEUE_TYPES = ("classic", "quorum")
+_AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+#: Separates the URLs of a failover list in ``broker_url`` (kombu's and Celery's syntax).
+FAILOVER_SEPARATOR = ";"
 
 #: dynaconf ``SourceMetadata.loader`` of each layer we stack.
 _DEFAULT, _FILE, _ENV, _ARGUMENT = "default", "yaml", "env", "argument"
@@ -106,7 +112,10 @@ def default_state_dir() -> str:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``**`` (safe to log)."""
+    """Return ``url`` with any password replaced by ``**`` (safe to log); each URL of a
+    failover list (``amqp://...;amqp://...``) is masked."""
+    if FAILOVER_SEPARATOR in url:
+        return FAILOVER_SEPARATOR.join(mask_url(part) for part in url.split(FAILOVER_SEPARATOR))
     try:
         parts = urlsplit(url)
         password, port = parts.password, parts.port
@@ -119,6 +128,29 @@ def mask_url(url: str) -> str:
     if port is not None:
         host = f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
+
+
+def failover_urls(*schemes: str) -> Check:
+    """Blank, or one URL, or a ``;``-separated failover list of URLs, each with a scheme
+    of ``schemes`` and all with the same scheme (one transport serves the whole list)."""
+    single = url_with_scheme(*schemes)
+
+    def check(value: Any) -> str | None:
+        parts = [part.strip() for part in value.split(FAILOVER_SEPARATOR)]
+        if len(parts) == 1:
+            return single(value)
+        for number, part in enumerate(parts, 1):
+            if not part:
+                return f"URL {number} of the failover list is blank"
+            problem = single(part)
+            if problem:
+                return f"URL {number} of the failover list: {problem}"
+        found = sorted({urlsplit(part).scheme for part in parts})
+        if len(found) > 1:
+            return f"the failover list mixes schemes {', '.join(found)}; use one"
+        return None
+
+    return check
 
 
 @dataclass(frozen=True, init=False)
@@ -155,8 +187,17 @@ class Config:
     rabbitmq_password: str = setting("guest", "RabbitMQ password", secret=True)
     rabbitmq_vhost: str = setting("/", "RabbitMQ virtual host")
     broker_url: str = setting(
-        "", "full broker URL (amqp://, redis://); overrides rabbitmq_*",
-        check=url_with_scheme(*_BROKER_SCHEMES), url=True)
+        "", "full broker URL (amqp://, redis://); overrides rabbitmq_*. Several URLs "
+        "separated by ';' are a failover list (the nodes of a RabbitMQ cluster): a client "
+        "connects to the first that answers and moves on when it fails",
+        check=failover_urls(*_BROKER_SCHEMES), url=True)
+    queue_type: str = setting(
+        "classic", "RabbitMQ type of the durable queues (pool, agent, heartbeats): classic, "
+        "or quorum (replicated on a cluster's nodes, so they survive a node's loss). "
+        "Default classic: RabbitMQ refuses to redeclare an existing queue with another type "
+        "(PRECONDITION_FAILED), and one node gains nothing from quorum; to switch, delete "
+        "the old queues (or use new names) and move every agent and orchestrator at once",
+        check=one_of(*_QUEUE_TYPES))
     result_backend: str = setting(
         "", "result backend; blank: rpc:// (Redis broker: the same Redis)", url=True)
     database_url: str = setting(
@@ -475,6 +516,7 @@ def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
             raise ConfigError(sources[name], name,
                               f"{problem} (got {_shown(key, values[name])!r})")
     _check_timeout_covers_interval(values, sources)
+    _check_quorum_needs_amqp(values, sources)
 
 
 def _check_timeout_covers_interval(values: Mapping[str, Any],
@@ -487,6 +529,18 @@ def _check_timeout_covers_interval(values: Mapping[str, Any],
             f"{values[timeout]:g} {unit} is shorter than {interval} {values[interval]:g} "
             f"{unit} (from {sources[interval]}); use about 3x the interval",
         )
+
+
+def _check_quorum_needs_amqp(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """``queue_type: quorum`` is a RabbitMQ queue type: refuse it with another broker
+    (Redis would silently ignore it)."""
+    if values["queue_type"] != "quorum" or not values["broker_url"]:
+        return  # the rabbitmq_* keys always build an amqp:// URL
+    scheme = urlsplit(values["broker_url"].split(FAILOVER_SEPARATOR)[0].strip()).scheme
+    if scheme not in _AMQP_SCHEMES:
+        raise ConfigError(sources["queue_type"], "queue_type",
+                          f"quorum queues need a RabbitMQ broker, but broker_url (from "
+                          f"{sources['broker_url']}) is {scheme}://")
 
 
 def derive_agent_id(machine_id: str, hostname: str) -> str:

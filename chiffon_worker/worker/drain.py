@@ -104,9 +104,11 @@ def stop_consuming(consumer: Any, pool: str) -> None:
 
 
 def resume_consuming(consumer: Any, pool: str) -> None:
-    """Consume ``pool`` again, declared exactly as at start (``wire.declared_queue``).
-    Runs in the consumer's loop."""
-    queue = consumer.app.amqp.queues.select_add(declared_queue(pool))
+    """Consume ``pool`` again, declared exactly as at start (the worker's own ``Queue``
+    of it, so ``queue_type`` holds; ``wire.declared_queue`` if it has none). Runs in the
+    consumer's loop."""
+    queues = consumer.app.amqp.queues
+    queue = queues.select_add(queues[pool] if pool in queues else declared_queue(pool))
     task_consumer = consumer.task_consumer
     if task_consumer is not None and not task_consumer.consuming_from(pool):
         task_consumer.add_queue(queue)

@@ -31,9 +31,12 @@ BEAT_MAX_LOOP_SECONDS = 5.0
 
 
 def work_queues(config: Config) -> list[Queue]:
-    """The queues this agent consumes: its pool's shared queue and its own queue."""
-    return [declared_queue(config.agent_pool_name),
-            declared_queue(agent_queue_name(config.agent_id))]
+    """The queues this agent consumes: its pool's shared queue and its own queue, both of
+    ``config.queue_type`` (the agent's own queue too: a classic durable queue whose node is
+    down cannot be declared on any other node, 404 "home node is down", so an agent of a
+    cluster would stop consuming altogether)."""
+    return [declared_queue(config.agent_pool_name, config.queue_type),
+            declared_queue(agent_queue_name(config.agent_id), config.queue_type)]
 
 
 def celery_settings(config: Config) -> dict[str, Any]:
@@ -57,7 +60,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "task_routes": {
             # through the named exchange, not Celery's default-exchange shortcut for
             # direct queues, so more queues can be bound to receive copies of heartbeats
-            HEARTBEAT_TASK: {"queue": heartbeat_queue(), "exchange": HEARTBEAT_QUEUE,
+            HEARTBEAT_TASK: {"queue": heartbeat_queue(queue_type=config.queue_type),
+                             "exchange": HEARTBEAT_QUEUE,
                              "routing_key": HEARTBEAT_QUEUE},
             EXECUTE_WORK_TASK: {"queue": pool_queue},
         },

@@ -132,6 +132,26 @@ def test_mask_url_keeps_user_host_and_port() -> None:
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_mask_url_masks_every_url_of_a_failover_list() -> None:
+    url = "amqp://u:one@10.0.0.1:5672//;amqp://u:two@10.0.0.2:5673//"
+    assert mask_url(url) == "amqp://u:**@10.0.0.1:5672//;amqp://u:**@10.0.0.2:5673//"
+
+
+def test_a_failover_list_of_cluster_nodes_is_a_valid_broker_url() -> None:
+    url = "amqp://guest:guest@127.0.0.1:5681//;amqp://guest:guest@127.0.0.1:5682//"
+    assert load(broker_url=url).effective_broker_url == url
+
+
+def test_queue_type_defaults_to_classic_and_accepts_quorum_on_rabbitmq() -> None:
+    assert load().queue_type == "classic"
+    assert load(queue_type="quorum").queue_type == "quorum"
+
+
+def test_quorum_queues_on_a_redis_broker_are_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"queue_type.*need a RabbitMQ broker.*redis://"):
+        load(queue_type="quorum", broker_url="redis://127.0.0.1:6379/0")
+
+
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
@@ -151,6 +171,11 @@ def test_mask_url_keeps_user_host_and_port() -> None:
         ("heartbeat_interval_seconds:\n", "heartbeat_interval_seconds", "has no value"),
         ("agent_pool_name: [a, b]\n", "agent_pool_name", "expected text"),
         ("worker_pool: gevent\n", "worker_pool", "must be one of"),
+        ("queue_type: stream\n", "queue_type", "must be one of classic, quorum"),
+        ("broker_url: 'amqp://a//;http://b'\n", "broker_url",
+         "URL 2 of the failover list: scheme 'http'"),
+        ("broker_url: 'amqp://a//;'\n", "broker_url", "URL 2 of the failover list is blank"),
+        ("broker_url: 'amqp://a//;redis://b/0'\n", "broker_url", "mixes schemes"),
     ],
 )
 def test_invalid_value_names_file_and_key(text: str, key: str, problem: str) -> None:
