@@ -21,6 +21,11 @@ def emit(text: str = "", *, end: str = "\n") -> None:
     sys.stdout.flush()
 
 
+def json_array(items: Iterable[str]) -> str:
+    """A compact JSON array of ``items``, each already the JSON text of one element."""
+    return "[" + ",".join(items) + "]"
+
+
 def format_value(value: Any) -> str:
     """A table cell: ``-`` for None, floats in ``%g`` form, anything else as ``str()``."""
     if value is None:
