@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,11 +23,11 @@ from typing import TYPE_CHECKING
 from chiffon_worker.cli.command_types import Subcommands
 from chiffon_worker.cli.history_charts import render_history, save_png
 from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
-from chiffon_worker.cli.output import emit
+from chiffon_worker.cli.output import emit, json_array
 from chiffon_worker.cli.status_table import render_status
 from chiffon_worker.config import Config
 from chiffon_worker.errors import EXIT_OK, ChiffonError
-from chiffon_worker.orchestrator.agent_view import status_object
+from chiffon_worker.orchestrator.agent_view import status_json, status_object
 
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import Registry
@@ -45,12 +46,19 @@ def add_fleet_commands(subcommands: Subcommands) -> None:
                       help="port for /metrics (0 disables; default: config metrics_port)")
     orch.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR",
                       help="address /metrics listens on (default 0.0.0.0)")
+    orch.add_argument("--copy", action="store_true",
+                      help="fill this registry from a copy of every heartbeat, through a "
+                           "queue of its own named after the registry, taking nothing from "
+                           "the orchestrators of other registries")
     orch.add_argument("--queue", default=None, metavar="NAME",
-                      help="heartbeat queue to consume (default chiffon.heartbeats)")
+                      help="like --copy, with this name for the copy queue (it is bound to "
+                           "the chiffon.heartbeats exchange agents publish to)")
     orch.set_defaults(handler=cmd_orchestrator)
 
     status = subcommands.add_parser("status", help="the agents in the registry")
-    status.add_argument("--json", action="store_true", help="a JSON array, one object per agent")
+    status.add_argument("--json", action="store_true",
+                        help="a JSON array, one object per agent: indented on a terminal, "
+                             "else compact (one line, for programs)")
     status.add_argument("--pool", help="only agents of this pool")
     status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
                         metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
@@ -71,7 +79,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     refuses the login."""
     with needs_orchestrator_extra("orchestrator"):
         from chiffon_worker.orchestrator.service import Orchestrator, run_orchestrator
-    from chiffon_worker.wire import HEARTBEAT_QUEUE
+    from chiffon_worker.wire import HEARTBEAT_QUEUE, is_queue_name
 
     config = Config()
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
@@ -79,9 +87,11 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     package_logger = logging.getLogger("chiffon_worker")
     if package_logger.getEffectiveLevel() > logging.getLevelName(config.log_level):
         package_logger.setLevel(config.log_level)
+    if args.queue is not None and not is_queue_name(args.queue):
+        raise ChiffonError(f"--queue {args.queue!r} is not a valid queue name")
     run_orchestrator(Orchestrator(config, metrics_port=args.metrics_port,
                                   queue=args.queue or HEARTBEAT_QUEUE,
-                                  metrics_addr=args.metrics_addr))
+                                  metrics_addr=args.metrics_addr, copy=args.copy))
     return EXIT_OK
 
 
@@ -109,12 +119,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_status(registry: Registry, args: argparse.Namespace) -> None:
+    """The table, or with ``--json`` the JSON array: indented (2 spaces) when stdout is a
+    terminal, else compact, its objects written from the stored snapshots' text without
+    decoding them (:func:`~chiffon_worker.orchestrator.agent_view.status_json`; at 10,000
+    agents decoding and indenting took most of the command's time)."""
     now = time.time()
-    records = registry.agents(args.pool, with_snapshot=args.json)
-    if args.json:
+    if not args.json:
+        emit(render_status(registry.agents(args.pool), now))
+    elif sys.stdout.isatty():
+        records = registry.agents(args.pool, with_snapshot=True)
         emit(json.dumps([status_object(r, now) for r in records], indent=2))
     else:
-        emit(render_status(records, now))
+        rows = registry.agents_with_snapshot_text(args.pool)
+        emit(json_array(status_json(record, text, now) for record, text in rows))
 
 
 # -- chiffon history ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kombu.connection import Connection
+from kombu.entity import Queue
 from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
@@ -56,11 +57,13 @@ class HeartbeatConsumer:
     ``prefetch_count``: unacked messages the broker may send ahead (messages);
     ``batch_size``: messages per registry transaction (at most half the prefetch);
     ``max_delay_seconds``: the longest a received heartbeat waits for its commit;
-    ``poll_seconds``: how often an idle loop wakes to flush and check :meth:`stop`.
+    ``poll_seconds``: how often an idle loop wakes to flush and check :meth:`stop`;
+    ``declaration``: the queue as declared (default: ``heartbeat_queue(queue)``; a copy
+    queue from :func:`~chiffon_worker.wire.heartbeat_copy_queue`).
     """
 
     def __init__(self, broker_url: str, judge: HeartbeatJudge, writer: BatchWriter, *,
-                 queue: str = HEARTBEAT_QUEUE,
+                 queue: str = HEARTBEAT_QUEUE, declaration: Queue | None = None,
                  prefetch_count: int = DEFAULT_PREFETCH, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_delay_seconds: float = DEFAULT_MAX_DELAY_SECONDS,
                  poll_seconds: float = 0.25, reconnect_max_seconds: float = 30.0,
@@ -75,7 +78,8 @@ class HeartbeatConsumer:
         self.judge = judge
         self.writer = writer
         self.stats = judge.stats
-        self.queue_name = queue
+        self.queue_name = queue if declaration is None else str(declaration.name)
+        self.declaration = declaration if declaration is not None else heartbeat_queue(queue)
         self.prefetch_count = prefetch_count
         self.batch_size = batch_size
         self.max_delay_seconds = max_delay_seconds
@@ -115,7 +119,8 @@ class HeartbeatConsumer:
             recoverable = (*conn.connection_errors, *conn.channel_errors, OSError)
             try:
                 conn.connect()
-                log.info("consuming %s on %s", self.queue_name, self.masked_url)
+                # the URL connected to: one node of a failover list (password masked)
+                log.info("consuming %s on %s", self.queue_name, mask_url(conn.as_uri()))
                 delay = 1.0
                 self._consume(conn)
             except recoverable as exc:
@@ -142,7 +147,7 @@ class HeartbeatConsumer:
 
     def _consume(self, conn: Connection) -> None:
         channel = conn.channel()
-        queue = heartbeat_queue(self.queue_name)(channel)
+        queue = self.declaration(channel)
         queue.declare()
         consumer = Consumer(channel, queues=[queue], on_message=self._on_message,
                             prefetch_count=self.prefetch_count, no_ack=False,

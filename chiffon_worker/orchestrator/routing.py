@@ -62,7 +62,13 @@ from chiffon_worker.orchestrator.reservations import (
 )
 from chiffon_worker.protocol import WorkRequest, WorkResult
 from chiffon_worker.snapshot import NEED_FIELDS
-from chiffon_worker.wire import EXECUTE_WORK_TASK, agent_queue_name, declared_queue, is_queue_name
+from chiffon_worker.wire import (
+    CLASSIC_QUEUE,
+    EXECUTE_WORK_TASK,
+    agent_queue_name,
+    declared_queue,
+    is_queue_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +105,12 @@ class NoFitError(RoutingError):
     """No online agent has room for the needs right now (others may free some)."""
 
 
-def work_queue(name: str) -> Queue:
-    """A work queue as agents declare it: durable, direct exchange named like the queue."""
+def work_queue(name: str, queue_type: str = CLASSIC_QUEUE) -> Queue:
+    """A work queue as agents declare it: durable, direct exchange named like the queue,
+    of ``queue_type`` (the config key: a pool's agents and its submitters must agree)."""
     if not is_queue_name(name):
         raise RoutingError(f"{name!r} is not a valid queue name")
-    return declared_queue(name)
+    return declared_queue(name, queue_type)
 
 
 def check_needs(needs: Mapping[str, Any]) -> dict[str, float]:
@@ -195,30 +202,19 @@ def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
                      f"({best.record.agent_id}{note})")
 
 
-def best_fit(candidates: Iterable[AgentRecord], needs: Mapping[str, float],
-             reservations: Iterable[Reservation], now: float) -> AgentRecord | None:
-    """The online agent with the most headroom meeting ``needs`` once its active
-    ``reservations`` are subtracted, from ``candidates`` ordered best first by their
-    heartbeat figures alone; None when none fits. Stops at the first candidate whose
-    heartbeat headroom is below the best fit's (reservations only lower it)."""
-    by_agent: dict[str, list[Reservation]] = {}
-    for reservation in reservations:
-        by_agent.setdefault(reservation.agent_id, []).append(reservation)
-    best: _Choice | None = None
-    for record in candidates:
-        if best is not None and _Choice(record, needs, None).headroom <= best.headroom:
-            break  # it cannot do better, and a tie goes to the one found first
+def best_fit(candidates: Iterable[tuple[AgentRecord, list[Reservation]]],
+             needs: Mapping[str, float], now: float) -> AgentRecord | None:
+    """The first of ``candidates`` (each agent with its active reservations, ranked best
+    first by what it can still be promised) that takes work and, its reservations
+    subtracted, meets ``needs``; None when none does."""
+    for record, reservations in candidates:
         if not record.takes_work(now):
             continue
-        mine = by_agent.get(record.agent_id)
-        held = held_by_agent(mine, timing_of([record]), now).get(record.agent_id) \
-            if mine else None
-        choice = _Choice(record, needs, held)
-        if choice.short:
-            continue
-        if best is None or choice.headroom > best.headroom:
-            best = choice
-    return None if best is None else best.record
+        held = held_by_agent(reservations, timing_of([record]), now).get(record.agent_id) \
+            if reservations else None
+        if not _Choice(record, needs, held).short:
+            return record
+    return None
 
 
 def timing_of(records: Iterable[AgentRecord]) -> dict[str, HeartbeatTiming]:
@@ -334,7 +330,8 @@ class Router:
             on_result = self._releaser(request.work_id)
         else:
             queue = pool or (self._config or Config()).agent_pool_name
-        declaration = work_queue(queue)
+        declaration = work_queue(queue, self._config.queue_type if self._config
+                                 else CLASSIC_QUEUE)
         try:
             async_result = self.app.send_task(
                 EXECUTE_WORK_TASK, args=[request.to_dict()], task_id=request.work_id,
@@ -366,27 +363,27 @@ class Router:
               now: float | None = None) -> str:
         """One placement attempt (see :meth:`submit`); returns the chosen agent's id.
 
-        The candidates come from the database best first by their heartbeat figures; as
-        reservations only lower an agent's standing, the scan stops at the first agent
-        whose heartbeat alone ranks below the best fit found. When none fits, every agent
-        is read to name the closest one in the error."""
+        The database ranks the agents by what they can still be promised (reservations
+        subtracted in SQL) and hands them over a page at a time; the first that takes
+        work and fits is chosen. When none fits, every agent is read to name the closest
+        one in the error."""
         registry = self.registry
         moment = time.time() if now is None else now
         with registry.placement() as conn:
             if registry.work_known(conn, request.work_id):
                 raise RoutingError(f"work {request.work_id} is already placed; give each "
                                    "piece of work its own id")
-            reservations = registry.active_reservations(conn, moment)
             chosen = best_fit(registry.candidates(
                 conn, pool=pool, now=moment,
-                at_least={NEEDS[k].attribute: v for k, v in needs.items() if v > 0},
+                needs={k: (NEEDS[k].attribute, NEEDS[k].total, v)
+                       for k, v in needs.items() if v > 0},
                 not_false=["accepting", *(KNOWN_FLAGS[k] for k, v in needs.items()
                                           if v > 0 and k in KNOWN_FLAGS)],
-                rank_by={NEEDS[k].attribute: v for k, v in needs.items() if v > 0},
-                default_rank=NEEDS["cores"].attribute), needs, reservations, moment)
+                default_rank=NEEDS["cores"].attribute), needs, moment)
             if chosen is None:
                 records = registry.agents_on(conn, pool)
-                held = held_by_agent(reservations, timing_of(records), moment)
+                held = held_by_agent(registry.active_reservations(conn, moment),
+                                     timing_of(records), moment)
                 chosen = pick_agent(records, needs, pool=pool, now=moment, held=held)
             registry.reserve(conn, Reservation(
                 work_id=request.work_id, agent_id=chosen.agent_id, pool=chosen.pool,

@@ -17,7 +17,7 @@ import threading
 from types import FrameType
 
 from chiffon_worker.config import Config, mask_url
-from chiffon_worker.errors import BrokerLoginRefused
+from chiffon_worker.errors import BrokerLoginRefused, RegistryError
 from chiffon_worker.orchestrator.agent_control import AgentControl
 from chiffon_worker.orchestrator.batch_writer import BatchWriter
 from chiffon_worker.orchestrator.drain_enforcer import DrainEnforcer
@@ -25,9 +25,15 @@ from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorColl
 from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
 from chiffon_worker.orchestrator.judge import HeartbeatJudge
+from chiffon_worker.orchestrator.leadership import CHECK_SECONDS, Leadership
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.orchestrator.worker_events import WorkerEventListener
-from chiffon_worker.wire import HEARTBEAT_QUEUE
+from chiffon_worker.wire import (
+    HEARTBEAT_COPY_PREFIX,
+    HEARTBEAT_QUEUE,
+    heartbeat_copy_queue,
+    heartbeat_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +45,12 @@ class Orchestrator:
     """
 
     def __init__(self, config: Config, *, metrics_port: int | None = None,
-                 queue: str = HEARTBEAT_QUEUE, metrics_addr: str = "0.0.0.0") -> None:
+                 queue: str = HEARTBEAT_QUEUE, metrics_addr: str = "0.0.0.0",
+                 copy: bool = False) -> None:
         self.config = config
+        #: consume a copy of every heartbeat through a queue of its own (``queue``, or one
+        #: named after the registry when ``queue`` is the shared heartbeat queue)
+        self.copy = copy or queue != HEARTBEAT_QUEUE
         self.metrics_port = config.metrics_port if metrics_port is None else metrics_port
         self.metrics_addr = metrics_addr
         self.queue = queue
@@ -53,6 +63,8 @@ class Orchestrator:
         self._drains_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._refused: BrokerLoginRefused | None = None
+        self.leadership: Leadership | None = None
+        self._lost_lead = False
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from signal handlers and other threads)."""
@@ -74,6 +86,11 @@ class Orchestrator:
         the worker-event listener), RegistryError when the registry fails."""
         self.registry = Registry.from_config(self.config)
         try:
+            if self.copy and self.queue == HEARTBEAT_QUEUE:
+                self.queue = HEARTBEAT_COPY_PREFIX + self.registry.registry_id()
+            self.leadership = Leadership(self.registry, self.queue)
+            if not self.leadership.acquire(self._stop):
+                return
             trimmed = self.registry.trim_history()
             if trimmed:
                 log.info("dropped %d history points beyond the kept %d per agent", trimmed,
@@ -83,9 +100,11 @@ class Orchestrator:
             log.info("registry %s: %d agents known", self.registry.masked_url, len(known))
             judge = HeartbeatJudge(known, history_points=self.registry.history_points,
                                    secret=self.config.heartbeat_secret, stats=stats)
-            self.consumer = HeartbeatConsumer(self.config.effective_broker_url, judge,
-                                              BatchWriter(self.registry, stats=stats),
-                                              queue=self.queue)
+            self.consumer = HeartbeatConsumer(
+                self.config.effective_broker_url, judge, BatchWriter(self.registry, stats=stats),
+                queue=self.queue,
+                declaration=heartbeat_copy_queue(self.queue) if self.copy
+                else heartbeat_queue(self.queue, self.config.queue_type))
             if self.metrics_port:
                 self.metrics = MetricsServer(
                     OrchestratorCollector(self.registry, stats), self.metrics_port,
@@ -108,14 +127,29 @@ class Orchestrator:
                 target=DrainEnforcer(self._drains_control).follow,
                 args=(self.registry, self._stop), daemon=True, name="chiffon-drain-enforcer")
             self._drains_thread.start()
+            threading.Thread(target=self._watch_lead, daemon=True,
+                             name="chiffon-lead-watch").start()
             self.consumer.run()
+            if self._lost_lead:
+                raise RegistryError(f"lost the lead on registry {self.registry.masked_url} "
+                                    "(its database connection failed); stopping so that "
+                                    "another orchestrator, or a restart, takes over")
             if self._refused is not None:
                 raise self._refused
         finally:
             self.close()
 
+    def _watch_lead(self) -> None:
+        """Stop everything if the lead is lost (its database connection failed)."""
+        while not self._stop.wait(CHECK_SECONDS):
+            if self.leadership is not None and not self.leadership.holds():
+                self._lost_lead = True
+                self.stop()
+                return
+
     def close(self) -> None:
-        """Stop the event listener and the metrics server; release the registry."""
+        """Stop the event listener and the metrics server; give up the lead; release the
+        registry."""
         if self.events is not None:
             self.events.stop()
         if self._events_thread is not None:
@@ -131,6 +165,9 @@ class Orchestrator:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.leadership is not None:
+            self.leadership.release()
+            self.leadership = None
         if self.registry is not None:
             self.registry.close()
         log.info("orchestrator stopped")

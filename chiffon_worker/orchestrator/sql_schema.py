@@ -140,7 +140,7 @@ reservations = Table(
     Column("pool", agents.c.agent_id.type, nullable=False),
     Column("work_type", agents.c.agent_id.type, nullable=False),
     *(Column(key, Float, nullable=False) for key in NEED_KEYS),
-    Column("state", String(16), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
     Column("placed_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     Column("started_at", Float, nullable=True),
@@ -165,6 +165,14 @@ drains = Table(
     Column("agent_id", agents.c.agent_id.type, primary_key=True),
     Column("requested_at", Float, nullable=False),  # unix seconds
     Column("requested_by", Text, nullable=False),   # user@host of the operator
+)
+
+#: This registry's own id (one row), made at creation: a second registry's copy queue is
+#: named after it (``chiffon orchestrator --copy``). Additive: created by ``create_all``.
+registry_info = Table(
+    "chiffon_registry_info", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("registry_id", String(64), nullable=False),
 )
 
 #: Columns of ``agents`` copied straight from a snapshot's keys (``agent_id`` first).

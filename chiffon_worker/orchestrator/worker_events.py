@@ -32,13 +32,16 @@ from celery.events.event import get_exchange
 from kombu.connection import Connection
 from kombu.entity import Queue, binding
 from kombu.messaging import Consumer
+from kombu.pidbox import Mailbox
 
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import BrokerLoginRefused, RegistryError
 from chiffon_worker.orchestrator.registry import Registry, WorkEvent
 from chiffon_worker.orchestrator.reservations import EVENT_STATES
 from chiffon_worker.wire import (
+    CONTROL_MAILBOX,
     EXECUTE_WORK_TASK,
+    HEARTBEAT_CONTROL_COMMAND,
     TASK_EVENTS_ROUTING_KEY,
     WORKER_EVENTS_EXCHANGE,
     WORKER_EVENTS_ROUTING_KEY,
@@ -91,6 +94,8 @@ class WorkerEventListener:
         self._known: set[str] = set()
         self._work: list[WorkEvent] = []
         self._known_at = float("-inf")
+        #: whether a connection was ever consuming (the next one is a reconnect)
+        self._consumed_before = False
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (any thread)."""
@@ -147,7 +152,10 @@ class WorkerEventListener:
         consumer = Consumer(conn.channel(), queues=[queue], callbacks=[self.record_event],
                             accept=["json"], no_ack=True)
         consumer.consume()
-        log.info("following worker events on %s", mask_url(self.broker_url))
+        log.info("following worker events on %s", mask_url(conn.as_uri()))  # the node
+        if self._consumed_before:
+            self._ask_for_heartbeats(conn)
+        self._consumed_before = True
         self.ready.set()
         last_write = time.monotonic()
         while not self._stop.is_set():
@@ -158,6 +166,22 @@ class WorkerEventListener:
             if time.monotonic() - last_write >= self.flush_seconds:
                 self.flush()
                 last_write = time.monotonic()
+
+    @staticmethod
+    def _ask_for_heartbeats(conn: Connection) -> None:
+        """After a reconnect: ask every worker for a ``worker-heartbeat`` event now.
+
+        Events sent while this listener was away are lost (its queue goes with its
+        connection, and on a cluster with its node), and a single lost ``worker-heartbeat``
+        makes a live agent look ``lost`` for a moment (the event window is two intervals).
+        A worker that reconnected before this listener answers this; one that reconnects
+        after it announces itself (``worker-online``). The answer says ``freq`` 5 s
+        (Celery's), so that agent's window is 10 s until its next regular event (2 s).
+        """
+        Mailbox(CONTROL_MAILBOX, type="fanout", accept=["json"], serializer="json")(
+            conn).abcast(HEARTBEAT_CONTROL_COMMAND)
+        log.info("asked every worker for a heartbeat event (events may have been missed "
+                 "while reconnecting)")
 
     def record_event(self, body: Any, _message: Any = None) -> None:
         """Note one event (a decoded Celery event body; a worker sends its task events

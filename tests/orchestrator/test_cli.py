@@ -21,6 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from chiffon_worker.cli import main
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.signing import sign_snapshot
+from chiffon_worker.wire import HEARTBEAT_QUEUE
+from tests.conftest import missing_service
+from tests.orchestrator_process import VhostUnavailable, private_vhost
 
 from .conftest import Publisher, wait_for
 from .feeding import Feeder
@@ -46,24 +49,32 @@ def cli_env(clean_env: Path, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def orchestrator(cli_env: dict[str, str], queue_name: str, publisher: Publisher
-                 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``chiffon orchestrator`` as a subprocess on the test's queue; yields (process, port)."""
+def orchestrator(cli_env: dict[str, str], rabbitmq_url: str
+                 ) -> Iterator[tuple[subprocess.Popen[str], int, Publisher]]:
+    """``chiffon orchestrator`` as a subprocess on a private vhost; yields (process, port,
+    a publisher of heartbeats as agents send them there)."""
     port = _free_port()
-    env = {**cli_env, "CHIFFON_HEARTBEAT_SECRET": "lab-secret"}
-    process = subprocess.Popen([*CHIFFON, "orchestrator", "--queue", queue_name,
-                                "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     try:
-        wait_for(lambda: _metrics(port) is not None or process.poll() is not None, 30,
-                 "the orchestrator to serve /metrics")
-        assert process.poll() is None, process.communicate()
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        with private_vhost(rabbitmq_url) as url:
+            env = {**cli_env, "CHIFFON_HEARTBEAT_SECRET": "lab-secret",
+                   "CHIFFON_BROKER_URL": url}
+            process = subprocess.Popen([*CHIFFON, "orchestrator", "--metrics-port", str(port),
+                                        "--metrics-addr", "127.0.0.1"],
+                                       env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            publisher = Publisher(url, HEARTBEAT_QUEUE)
+            try:
+                wait_for(lambda: _metrics(port) is not None or process.poll() is not None, 30,
+                         "the orchestrator to serve /metrics")
+                assert process.poll() is None, process.communicate()
+                yield process, port, publisher
+            finally:
+                publisher.close()
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+    except VhostUnavailable as exc:
+        missing_service(str(exc))
 
 
 def _metrics(port: int) -> str | None:
@@ -84,9 +95,9 @@ def _accepted(port: int) -> float:
 
 @pytest.mark.integration
 def test_orchestrator_fills_the_registry_that_status_json_reports_and_stops_on_sigterm(
-        orchestrator: tuple[subprocess.Popen[str], int], publisher: Publisher,
+        orchestrator: tuple[subprocess.Popen[str], int, Publisher],
         cli_env: dict[str, str]) -> None:
-    process, port = orchestrator
+    process, port, publisher = orchestrator
     for seq in (1, 2, 5):
         publisher.heartbeat(sign_snapshot(make_snapshot("desk-1", seq=seq), "lab-secret"))
     publisher.heartbeat(sign_snapshot(make_snapshot("rig-1", pool="gpu_rigs",

@@ -1,0 +1,170 @@
+"""Several orchestrators: real ``chiffon orchestrator`` processes and real agents on a
+private vhost of the machine's RabbitMQ.
+
+- On one PostgreSQL registry, two orchestrators share the heartbeat queue: one leads,
+  the other stands by; kill the leader (SIGKILL, mid-batch) and the standby takes over.
+  Every agent's ``seq``, ``restarts``, ``missed`` and history come out exactly as the
+  heartbeats the agents sent (seen through a tap of their own).
+- A second registry filled with ``--copy`` gets every heartbeat too, taking none.
+- On SQLite a second orchestrator on the same file refuses to start, naming the file.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from chiffon_worker.orchestrator.registry import Registry
+from tests.conftest import missing_service
+from tests.integration.helpers import (
+    Agent,
+    HeartbeatTap,
+    agent_environment,
+    delete_agent_queues,
+    start_agent,
+)
+from tests.orchestrator_process import (
+    CHIFFON,
+    Orchestrator,
+    VhostUnavailable,
+    private_vhost,
+    start_orchestrator,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+INTERVAL_S = 0.5
+AGENTS = 3
+
+
+def poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A database of its own on the machine's PostgreSQL; dropped afterwards."""
+    name = f"chiffon_ha_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        missing_service(f"PostgreSQL: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def vhost(rabbitmq_url: str) -> Iterator[str]:
+    try:
+        with private_vhost(rabbitmq_url) as url:
+            yield url
+    except VhostUnavailable as exc:
+        missing_service(str(exc))
+
+
+def orchestrator(tmp: Path, name: str, broker: str, database: str, *args: str
+                 ) -> Orchestrator:
+    env = agent_environment(tmp / f"{name}-home", {
+        "CHIFFON_BROKER_URL": broker, "CHIFFON_DATABASE_URL": database,
+        "CHIFFON_STATE_DIR": str(tmp / f"{name}-state"), "CHIFFON_LOG_LEVEL": "INFO"})
+    if not args:
+        return start_orchestrator(env, tmp / f"{name}.log")
+    with (tmp / f"{name}.log").open("wb") as log:
+        popen = subprocess.Popen([str(CHIFFON), "orchestrator", "--metrics-port", "0", *args],
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+    return Orchestrator(popen, tmp / f"{name}.log")
+
+
+def consuming(orch: Orchestrator) -> bool:
+    return "consuming chiffon.heartbeats" in orch.log()
+
+
+def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agents_sent(
+        tmp_path: Path, vhost: str, pg_database: str) -> None:
+    first = orchestrator(tmp_path, "first", vhost, pg_database)
+    poll(lambda: consuming(first), 30, "the first orchestrator to lead")
+    second = orchestrator(tmp_path, "second", vhost, pg_database)
+    copy = orchestrator(tmp_path, "copy", vhost,
+                        f"sqlite:///{tmp_path / 'copy.sqlite3'}", "--copy")
+    agents: list[Agent] = []
+    taps: dict[str, HeartbeatTap] = {}
+    try:
+        poll(lambda: "standby" in second.log(), 30, "the second to stand by")
+        poll(lambda: "consuming chiffon.heartbeats.copy." in copy.log(), 30,
+             "the copy to consume its own queue")
+        for _ in range(AGENTS):
+            agent = start_agent(tmp_path, vhost, interval=INTERVAL_S)
+            taps[agent.agent_id] = HeartbeatTap(vhost, agent.agent_id)
+            agents.append(agent)
+        for tap in taps.values():
+            tap.wait_for(6, 60)
+        first.popen.send_signal(signal.SIGKILL)  # mid-flow: unacked heartbeats go back
+        first.popen.wait(10)
+        poll(lambda: "took the lead" in second.log(), 30, "the standby to take the lead")
+        for tap in taps.values():
+            tap.wait_for(len(tap.received) + 6, 60)
+        for agent in agents:
+            agent.stop()
+        sent = {agent_id: max(b.snapshot["seq"] for b in tap.received)
+                for agent_id, tap in taps.items()}
+        for agent_id, tap in taps.items():
+            tap.drain(1.0)
+            sent[agent_id] = max(b.snapshot["seq"] for b in tap.received)
+        with Registry(pg_database) as shared, \
+                Registry(f"sqlite:///{tmp_path / 'copy.sqlite3'}") as copied:
+            for registry in (shared, copied):
+                poll(lambda r=registry: all(  # type: ignore[misc]
+                    (rec := r.agent(a, with_snapshot=False)) is not None
+                    and rec.seq == seq for a, seq in sent.items()), 30,
+                    "every last heartbeat in the registry")
+                for agent_id, seq in sent.items():
+                    record = registry.agent(agent_id, with_snapshot=False)
+                    assert record is not None
+                    assert (record.restarts, record.missed) == (0, 0), agent_id
+                    assert record.history_count == seq, "each heartbeat recorded once"
+                    assert len(registry.history(agent_id)) == seq, "a complete history"
+    finally:
+        for tap in taps.values():
+            tap.delete()
+        for agent in agents:
+            agent.stop()
+            delete_agent_queues(vhost, agent.pool, agent.agent_queue)
+        for orch in (first, second, copy):
+            orch.stop()
+
+
+def test_a_second_orchestrator_on_one_sqlite_registry_refuses_naming_the_file(
+        tmp_path: Path, vhost: str) -> None:
+    database = f"sqlite:///{tmp_path / 'one.sqlite3'}"
+    first = orchestrator(tmp_path, "first", vhost, database)
+    try:
+        poll(lambda: consuming(first), 30, "the first orchestrator to consume")
+        second = orchestrator(tmp_path, "second", vhost, database)
+        assert second.popen.wait(30) == 1
+        lines = second.log().strip().splitlines()
+        assert lines[-1].startswith("chiffon: error: registry ")
+        assert str(tmp_path / "one.sqlite3") in lines[-1]
+        assert "in use by another chiffon orchestrator" in lines[-1]
+        assert "Traceback" not in second.log()
+    finally:
+        first.stop()
