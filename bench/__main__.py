@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "ingest": (["--repeat", "3"], ["--messages", "20000"]),
     "soak": ([], ["--quick"]),
     "liveness": ([], ["--quick"]),
+    "routing": ([], ["--quick"]),
+    "registry": ([], ["--quick"]),
 }
 
 
@@ -77,6 +79,28 @@ def _liveness(signal: str, key: str) -> Callable[[dict[str, Any]], float]:
     return read
 
 
+def _registry(backend: str, measure: str) -> Callable[[dict[str, Any]], float]:
+    """A median at 10,000 agents in bench/results/registry.json (this tree's seconds)."""
+    def read(data: dict[str, Any]) -> float:
+        for row in data["results"]:
+            if (row["backend"], row["agents"]) == (backend, 10000):
+                return float(row["after"]["seconds"][measure]["median"])
+        raise KeyError(f"{backend} {measure}")
+
+    return read
+
+
+def _routing(backend: str, agents: int) -> Callable[[dict[str, Any]], float]:
+    """The median over repetitions of the placement p50 in bench/results/routing.json."""
+    def read(data: dict[str, Any]) -> float:
+        for row in data["results"]:
+            if (row["backend"], row["agents"]) == (backend, agents):
+                return float(row["latency"]["placement_p50_ms"]["median"])
+        raise KeyError(f"{backend} {agents}")
+
+    return read
+
+
 MEASURES = [
     Measure("snapshot", "snapshot p50, no GPU", "us", "<= 150",
             lambda d: d["results"]["agent_no_gpu"]["p50_us"], lambda v: v <= 150),
@@ -112,6 +136,22 @@ MEASURES = [
             _liveness("SIGKILL", "ratio"), lambda v: v <= 1.05),
     Measure("liveness", "SIGSTOP chiffon/Flower (medians)", "x", "<= 1.05",
             _liveness("SIGSTOP", "ratio"), lambda v: v <= 1.05),
+    Measure("routing", "placement p50, 1,000 agents, SQLite", "ms", "<= 5",
+            _routing("sqlite", 1000), lambda v: v <= 5),
+    Measure("routing", "placement p50, 10,000 agents, SQLite", "ms", "<= 20",
+            _routing("sqlite", 10000), lambda v: v <= 20),
+    Measure("routing", "placement p50, 1,000 agents, PostgreSQL", "ms", "<= 5",
+            _routing("postgresql", 1000), lambda v: v <= 5),
+    Measure("routing", "placement p50, 10,000 agents, PostgreSQL", "ms", "<= 20",
+            _routing("postgresql", 10000), lambda v: v <= 20),
+    Measure("registry", "status --json, 10,000 agents, SQLite (process)", "s", "<= 1",
+            _registry("sqlite", "status_json"), lambda v: v <= 1),
+    Measure("registry", "status --json, 10,000 agents, PostgreSQL (process)", "s", "<= 1",
+            _registry("postgresql", "status_json"), lambda v: v <= 1),
+    Measure("registry", "/metrics, 10,000 agents, SQLite", "s", "<= 0.5",
+            _registry("sqlite", "metrics"), lambda v: v <= 0.5),
+    Measure("registry", "/metrics, 10,000 agents, PostgreSQL", "s", "<= 0.5",
+            _registry("postgresql", "metrics"), lambda v: v <= 0.5),
 ]
 
 
