@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -38,23 +36,13 @@ from tests.orchestrator_process import (
     private_vhost,
     start_orchestrator,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 INTERVAL_S = 0.5
 AGENTS = 3
-
-
-def poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -102,15 +90,15 @@ def consuming(orch: Orchestrator) -> bool:
 def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agents_sent(
         tmp_path: Path, vhost: str, pg_database: str) -> None:
     first = orchestrator(tmp_path, "first", vhost, pg_database)
-    poll(lambda: consuming(first), 30, "the first orchestrator to lead")
+    wait_until(lambda: consuming(first), 30, "the first orchestrator to lead")
     second = orchestrator(tmp_path, "second", vhost, pg_database)
     copy = orchestrator(tmp_path, "copy", vhost,
                         f"sqlite:///{tmp_path / 'copy.sqlite3'}", "--copy")
     agents: list[Agent] = []
     taps: dict[str, HeartbeatTap] = {}
     try:
-        poll(lambda: "standby" in second.log(), 30, "the second to stand by")
-        poll(lambda: "consuming chiffon.heartbeats.copy." in copy.log(), 30,
+        wait_until(lambda: "standby" in second.log(), 30, "the second to stand by")
+        wait_until(lambda: "consuming chiffon.heartbeats.copy." in copy.log(), 30,
              "the copy to consume its own queue")
         for _ in range(AGENTS):
             agent = start_agent(tmp_path, vhost, interval=INTERVAL_S)
@@ -120,7 +108,7 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agen
             tap.wait_for(6, 60)
         first.popen.send_signal(signal.SIGKILL)  # mid-flow: unacked heartbeats go back
         first.popen.wait(10)
-        poll(lambda: "took the lead" in second.log(), 30, "the standby to take the lead")
+        wait_until(lambda: "took the lead" in second.log(), 30, "the standby to take the lead")
         for tap in taps.values():
             tap.wait_for(len(tap.received) + 6, 60)
         for agent in agents:
@@ -133,7 +121,7 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agen
         with Registry(pg_database) as shared, \
                 Registry(f"sqlite:///{tmp_path / 'copy.sqlite3'}") as copied:
             for registry in (shared, copied):
-                poll(lambda r=registry: all(  # type: ignore[misc]
+                wait_until(lambda r=registry: all(  # type: ignore[misc]
                     (rec := r.agent(a, with_snapshot=False)) is not None
                     and rec.seq == seq for a, seq in sent.items()), 30,
                     "every last heartbeat in the registry")
@@ -158,7 +146,7 @@ def test_a_second_orchestrator_on_one_sqlite_registry_refuses_naming_the_file(
     database = f"sqlite:///{tmp_path / 'one.sqlite3'}"
     first = orchestrator(tmp_path, "first", vhost, database)
     try:
-        poll(lambda: consuming(first), 30, "the first orchestrator to consume")
+        wait_until(lambda: consuming(first), 30, "the first orchestrator to consume")
         second = orchestrator(tmp_path, "second", vhost, database)
         assert second.popen.wait(30) == 1
         lines = second.log().strip().splitlines()

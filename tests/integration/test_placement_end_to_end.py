@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,6 +22,7 @@ from tests.orchestrator_process import (
     orchestrator_on,
     private_vhost,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory
     try:
         with private_vhost(rabbitmq_url) as url, orchestrator_on(url, tmp) as running, \
                 running_agent(tmp, url) as agent, Registry(running.registry_url) as registry:
-            poll(lambda: _online_with_events(registry, agent), READY_TIMEOUT_S,
+            wait_until(lambda: _online_with_events(registry, agent), READY_TIMEOUT_S,
                  "the agent online with worker events")
             yield running, agent, registry
     except VhostUnavailable as exc:
@@ -47,17 +47,6 @@ def _online_with_events(registry: Registry, agent: Agent) -> bool:
     record = registry.agent(agent.agent_id, with_snapshot=False)
     return record is not None and record.signs is not None and \
         record.liveness(time.time()) == "online"
-
-
-def poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def chiffon(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,12 +68,12 @@ def test_placed_work_is_held_while_it_runs_and_released_when_it_ends(
     assert json.loads(done.stdout)["agent_id"] == agent.agent_id
     placed = the_work(registry, "e2e-sleep")
     assert placed is not None and placed.needs == {"cores": 1.0}
-    started = poll(lambda: (w := the_work(registry, "e2e-sleep")) and w.state == "running"
+    started = wait_until(lambda: (w := the_work(registry, "e2e-sleep")) and w.state == "running"
                    and w, 20, "the task-started event")
     listed = chiffon(running.env, "work")
     assert "e2e-sleep" in listed.stdout and "running" in listed.stdout, listed
     assert "1 cores" in listed.stdout
-    ended = poll(lambda: the_work(registry, "e2e-sleep") is None and
+    ended = wait_until(lambda: the_work(registry, "e2e-sleep") is None and
                  the_work(registry, "e2e-sleep", ended=True), SLEEP_S + 20,
                  "the task-succeeded event")
     assert ended.state == "succeeded"
@@ -98,7 +87,7 @@ def test_work_sent_to_the_pool_is_listed_from_the_agents_task_events(
     done = chiffon(running.env, "submit", "sleep", json.dumps({"seconds": SLEEP_S}),
                    "--pool", agent.pool, "--work-id", "e2e-pool")
     assert done.returncode == 0, done.stderr
-    seen = poll(lambda: the_work(registry, "e2e-pool"), 20, "the pool work in the registry")
+    seen = wait_until(lambda: the_work(registry, "e2e-pool"), 20, "the pool work in the registry")
     assert (seen.agent_id, seen.needs) == (agent.agent_id, {})
     json_listing = json.loads(chiffon(running.env, "work", "--json").stdout)
     assert any(w["work_id"] == "e2e-pool" and w["holds"] == {} for w in json_listing)
