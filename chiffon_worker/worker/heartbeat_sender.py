@@ -38,6 +38,8 @@ PUBLISH_TRANSPORT_OPTIONS: dict[str, Any] = {
     "interval_step": 0.25,
     "interval_max": 0.25,
 }
+#: What a heartbeat's ``argsrepr`` header says instead of the snapshot's repr.
+HEARTBEAT_ARGSREPR = "(snapshot,)"
 #: Retries of one publish (a stale connection is replaced at once); ~0.5 s at most.
 PUBLISH_RETRY_POLICY: dict[str, Any] = {
     "max_retries": 2,
@@ -79,6 +81,9 @@ class HeartbeatSender:
                 expires=config.heartbeat_timeout_seconds, delivery_mode=1,
                 # no result: else the rpc:// backend declares a reply queue per agent run
                 ignore_result=True,
+                # not Celery's repr of the whole snapshot (~850 characters in two headers
+                # of every heartbeat, decoded by every consumer and shown by Flower)
+                argsrepr=HEARTBEAT_ARGSREPR, kwargsrepr="{}",
                 retry=True, retry_policy=PUBLISH_RETRY_POLICY,
             )
         except errors as exc:

@@ -86,6 +86,11 @@ def test_heartbeat_is_the_heartbeat_task_with_the_snapshot_as_only_argument(
     assert (beat.args, beat.kwargs) == ([beat.snapshot], {})
 
 
+def test_heartbeat_headers_do_not_repeat_the_snapshot(rabbit_agent: WatchedAgent) -> None:
+    beat = rabbit_agent.tap.wait_for(1, timeout=10)[-1]
+    assert (beat.headers["argsrepr"], beat.headers["kwargsrepr"]) == ("(snapshot,)", "{}")
+
+
 def test_heartbeat_message_expires_after_heartbeat_timeout(
         rabbit_agent: WatchedAgent) -> None:
     beat = rabbit_agent.tap.wait_for(1, timeout=10)[-1]
