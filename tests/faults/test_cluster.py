@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,11 @@ STOPPED = 1
 WATCHER = 3
 #: What Celery's consumer logs when its broker connection is gone.
 CONNECTION_LOST = "Connection to broker lost"
+
+
+def _log_time(stamp: str) -> float:
+    """A Celery log line's time (``2026-11-30 20:08:57,214``, local time) as unix seconds."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +156,18 @@ class Episode:
         return started
 
     def running_at_loss(self) -> set[str]:
-        """Work ids an agent had started and not finished when it noticed its connection
-        was gone (the stop closes connections some seconds after it was asked)."""
+        """Work ids an agent had started and not finished by the time the stop was asked
+        (it closes connections some seconds later): their acks may have gone down with
+        the node (acks late), so these alone may run again."""
         running: set[str] = set()
         for agent_id, log in self.logs.items():
             lost = log.find(CONNECTION_LOST, len(self.logs_before[agent_id]))
             before = log if lost < 0 else log[:lost]
             started = re.findall(r"work (\S+): sleeping", before)
-            finished = set(re.findall(r"Task chiffon\.execute_work\[(\S+)\] succeeded",
-                                      before))
+            finished = {work_id for stamp, work_id in re.findall(
+                r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] "
+                r"Task chiffon\.execute_work\[(\S+)\] succeeded", before)
+                if _log_time(stamp) < self.stop_at}
             running.update(work_id for work_id in started if work_id not in finished)
         return running
 
