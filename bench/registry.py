@@ -42,8 +42,6 @@ import json
 import os
 import platform
 import pty
-import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +50,6 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -63,17 +60,17 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fleet import Backend, fill  # noqa: E402
+
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import Registry
 
 RESULTS = ROOT / "bench" / "results"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 #: The last commit before status and /metrics were made fast (issue 16, part 5).
 BASELINE_REV = "d0e4b89"
 #: measure -> target at 10,000 agents (median seconds)
 TARGETS = {"status_json": 1.0, "metrics": 0.5}
 TARGET_AGENTS = 10000
-FEED_BATCH = 1000
 SEED = 16
 PROMETHEUS_HEADERS = {
     "Accept": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
@@ -81,71 +78,7 @@ PROMETHEUS_HEADERS = {
     "Accept-Encoding": "gzip"}
 
 
-# -- a registry full of agents -----------------------------------------------------------------
-
-class Backend:
-    """Where one registry lives: an SQLite file in a temporary directory, or a PostgreSQL
-    schema of its own; :meth:`drop` removes it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.schema: str | None = None
-        self.workdir: str | None = None
-        if name == "sqlite":
-            self.workdir = tempfile.mkdtemp(prefix="chiffon-bench-registry-")
-            self.url = f"sqlite:///{Path(self.workdir) / 'registry.sqlite3'}"
-        elif name == "postgresql":
-            self.schema = f"chiffon_bench_{uuid.uuid4().hex[:8]}"
-            self.url = POSTGRES
-        else:
-            raise SystemExit(f"unknown backend {name!r} (sqlite, postgresql)")
-
-    @property
-    def process_url(self) -> str:
-        """The URL a ``chiffon`` process is given (the schema first on the search path)."""
-        if self.schema is None:
-            return self.url
-        return f"{self.url}?options={urllib.parse.quote(f'-csearch_path={self.schema}')}"
-
-    def open(self) -> Registry:
-        from chiffon_worker.orchestrator.registry import Registry
-
-        return Registry(self.url, schema=self.schema)
-
-    def drop(self) -> None:
-        from sqlalchemy import create_engine, text
-
-        if self.schema:
-            engine = create_engine(POSTGRES)
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
-            engine.dispose()
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def fill(registry: Registry, agents: int, now: float) -> float:
-    """Store ``agents`` random agents, all heard from at ``now``; returns the seconds."""
-    from tests.orchestrator.feeding import Feeder
-    from tests.orchestrator.snapshots import random_snapshot
-
-    rng = random.Random(SEED)
-    started = time.perf_counter()
-    feeder = Feeder(registry)
-    for i in range(agents):
-        snap = random_snapshot(rng, f"bench-agent-{i:05d}", 1)
-        snap["collected_at"] = now
-        outcome = feeder.snapshot(snap, received_at=now)
-        if outcome.kind != "accepted":
-            raise SystemExit(f"snapshot {i} was not accepted: {outcome}")
-        if (i + 1) % FEED_BATCH == 0:
-            feeder.commit()
-    feeder.commit()
-    stored = len(registry.agent_ids())
-    if stored != agents:
-        raise SystemExit(f"{stored} agents stored, expected {agents}")
-    return time.perf_counter() - started
-
+# -- the trees measured -----------------------------------------------------------------------
 
 def baseline_tree(rev: str, into: Path) -> Path:
     """``chiffon_worker`` as of ``rev`` (``git archive``), extracted under ``into``."""
@@ -355,7 +288,7 @@ def measure_fleet(backend: Backend, registry: Registry, trees: dict[str, Path],
 def process_floor(name: str, trees: dict[str, Path], workdir: Path, repeat: int
                   ) -> dict[str, Any]:
     """``chiffon status --json`` on an empty registry of backend ``name``, per tree."""
-    backend = Backend(name)
+    backend = Backend(name, "chiffon-bench-registry-")
     try:
         backend.open().close()
         out: dict[str, Any] = {}
@@ -374,11 +307,11 @@ def run_backend(name: str, trees: dict[str, Path], workdir: Path,
                 args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for agents in args.agents:
-        backend = Backend(name)
+        backend = Backend(name, "chiffon-bench-registry-")
         try:
             registry = backend.open()
             try:
-                fill_seconds = fill(registry, agents, time.time())
+                fill_seconds = fill(registry, agents, time.time(), SEED)
                 print(f"{name}, {agents} agents (filled in {fill_seconds:.1f} s)",
                       file=sys.stderr)
                 row: dict[str, Any] = {"backend": name, "agents": agents,

@@ -57,11 +57,8 @@ import multiprocessing
 import os
 import platform
 import pstats
-import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -69,78 +66,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy import event, func, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fleet import Backend, fill  # noqa: E402
 from chiffon_worker.orchestrator import routing, sql_schema  # noqa: E402
 from chiffon_worker.orchestrator.registry import Registry  # noqa: E402
 from chiffon_worker.orchestrator.reservations import Reservation  # noqa: E402
 from chiffon_worker.orchestrator.routing import NoFitError, Router  # noqa: E402
 from chiffon_worker.protocol import WorkRequest  # noqa: E402
-from tests.orchestrator.feeding import Feeder  # noqa: E402
-from tests.orchestrator.snapshots import random_snapshot  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 #: agents -> p50 target (ms)
 TARGET_P50_MS = {1000: 5.0, 10000: 20.0}
 NEEDS: tuple[dict[str, float], ...] = ({"gpu_vram_gb": 4.0}, {"cores": 2.0, "memory_gb": 4.0})
-FEED_BATCH = 1000
 SEED = 11
-
-
-# -- a registry full of agents ---------------------------------------------------------------
-
-class Backend:
-    """Where one registry lives: an SQLite file in a temporary directory, or a PostgreSQL
-    schema of its own; :meth:`drop` removes it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.schema: str | None = None
-        self.workdir: str | None = None
-        if name == "sqlite":
-            self.workdir = tempfile.mkdtemp(prefix="chiffon-bench-routing-")
-            self.url = f"sqlite:///{Path(self.workdir) / 'registry.sqlite3'}"
-        elif name == "postgresql":
-            self.schema = f"chiffon_bench_{uuid.uuid4().hex[:8]}"
-            self.url = POSTGRES
-        else:
-            raise SystemExit(f"unknown backend {name!r} (sqlite, postgresql)")
-
-    def open(self) -> Registry:
-        return Registry(self.url, schema=self.schema)
-
-    def drop(self) -> None:
-        if self.schema:
-            engine = create_engine(POSTGRES)
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
-            engine.dispose()
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def fill(registry: Registry, agents: int, now: float) -> float:
-    """Store ``agents`` random agents, all heard from at ``now``; returns the seconds."""
-    rng = random.Random(SEED)
-    started = time.perf_counter()
-    feeder = Feeder(registry)
-    for i in range(agents):
-        snap = random_snapshot(rng, f"bench-agent-{i:05d}", 1)
-        snap["collected_at"] = now
-        outcome = feeder.snapshot(snap, received_at=now)
-        if outcome.kind != "accepted":
-            raise SystemExit(f"snapshot {i} was not accepted: {outcome}")
-        if (i + 1) % FEED_BATCH == 0:
-            feeder.commit()
-    feeder.commit()
-    stored = len(registry.agent_ids())
-    if stored != agents:
-        raise SystemExit(f"{stored} agents stored, expected {agents}")
-    return time.perf_counter() - started
 
 
 # -- placing -----------------------------------------------------------------------------------
@@ -579,12 +521,12 @@ def run_backend(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     largest = max(args.agents)
     for agents in args.agents:
-        backend = Backend(name)
+        backend = Backend(name, "chiffon-bench-routing-")
         try:
             registry = backend.open()
             try:
                 now = time.time()
-                fill_seconds = fill(registry, agents, now)
+                fill_seconds = fill(registry, agents, now, SEED)
                 print(f"{name}, {agents} agents (filled in {fill_seconds:.1f} s)",
                       file=sys.stderr)
                 row: dict[str, Any] = {"backend": name, "agents": agents,
