@@ -155,6 +155,24 @@ class Episode:
                 started.update(re.findall(r"work (\S+): sleeping", log[lost:]))
         return started
 
+    def exposed_runs(self) -> Counter[str]:
+        """work_id -> how many of its runs started on an agent before that agent's
+        connection was later lost (acks late: such a run's ack may go down with the node,
+        and the item is delivered again)."""
+        exposed: Counter[str] = Counter()
+        for log in self.logs.values():
+            last_loss = log.rfind(CONNECTION_LOST)
+            exposed.update(match.group(1) for match in re.finditer(
+                r"work (\S+): sleeping", log) if match.start() < last_loss)
+        return exposed
+
+    def story(self, work_ids: set[str]) -> str:
+        """The agents' log lines about these work ids and their connection losses."""
+        lines = [f"{agent_id}: {line}" for agent_id, log in self.logs.items()
+                 for line in log.splitlines()
+                 if CONNECTION_LOST in line or any(w in line for w in work_ids)]
+        return "\n".join(lines)
+
     def running_at_loss(self) -> set[str]:
         """Work ids an agent had started and not finished by the time the stop was asked
         (it closes connections some seconds later): their acks may have gone down with
@@ -397,12 +415,15 @@ def test_every_work_item_has_exactly_one_result(episode: Episode) -> None:
         assert (result["status"], result["output"]) == ("success", {"slept_seconds": SLEEP_S})
 
 
-def test_only_work_running_when_the_connection_died_runs_twice(episode: Episode) -> None:
-    executions = episode.executions()
-    twice = {work_id for work_id, count in executions.items() if count > 1}
-    assert twice <= episode.running_at_loss(), (twice, episode.running_at_loss())
+def test_work_runs_again_only_after_a_connection_loss_on_its_agent(episode: Episode) -> None:
+    # at-least-once: each extra run is owed to a run that started on an agent whose
+    # connection was lost afterwards (its ack could not reach the broker)
+    executions, exposed = episode.executions(), episode.exposed_runs()
     assert all(executions[r.work_id] >= 1 for r in episode.requests)
-    assert max(executions.values()) <= 2, executions
+    extra = {work_id: count - 1 for work_id, count in executions.items() if count > 1}
+    unexplained = {work_id for work_id, count in extra.items() if count > exposed[work_id]}
+    log.info("ran more than once: %s\n%s", extra, episode.story(set(extra)))
+    assert not unexplained, episode.story(unexplained)
 
 
 def test_work_queued_before_the_stop_is_taken_from_another_node(episode: Episode) -> None:
