@@ -20,7 +20,8 @@ worst health of its GPUs).
 Consumer: ``chiffon_heartbeats_accepted_total``, ``chiffon_heartbeats_rejected_total``
 (``reason``), ``chiffon_heartbeats_ignored_total`` (``reason``),
 ``chiffon_agent_restarts_detected_total``, ``chiffon_heartbeat_gaps_total``,
-``chiffon_heartbeats_missed_total``, ``chiffon_heartbeats_clock_skewed_total``,
+``chiffon_heartbeats_missed_total``, ``chiffon_heartbeats_late_total``,
+``chiffon_heartbeats_clock_skewed_total``,
 ``chiffon_registry_batches_total``, ``chiffon_registry_write_seconds_total``,
 ``chiffon_registry_write_errors_total``, ``chiffon_broker_connection_losses_total``,
 and ``chiffon_registry_up`` (0 when the registry could not be read for this scrape).
@@ -331,6 +332,9 @@ def _stats_metrics(stats: IngestStats) -> Iterator[Metric]:
                    "claiming an agent's id", stats.conflicts)
     yield _counter("chiffon_heartbeats_missed", "sequence numbers missed in gaps",
                    stats.missed)
+    yield _counter("chiffon_heartbeats_late", "heartbeats that arrived after a newer one of "
+                   "their agent and took their number back from the missed",
+                   stats.late)
     yield _counter("chiffon_heartbeats_clock_skewed",
                    "heartbeats whose collected_at was off the receipt time beyond the "
                    "threshold", stats.clock_skewed)

@@ -1,10 +1,13 @@
 """The heartbeat consumer: ``chiffon.heartbeats`` -> judge -> batch writer -> registry.
 
 A plain kombu consumer (no Celery worker) reading raw message bodies, so every message,
-however broken, is judged (:class:`~.judge.HeartbeatJudge`) and never crashes the loop;
-the rows of accepted heartbeats go to a :class:`~.batch_writer.BatchWriter`. Messages
-are taken with a large prefetch, judged one by one, and written in batches: one registry
-transaction per ``batch_size`` messages or ``max_delay_seconds``, whichever comes first.
+however broken, is judged (:class:`~.judge.HeartbeatJudge`) and never crashes the loop.
+Messages are taken with a large prefetch and checked one by one as they arrive (decode,
+validation: no state); the checked heartbeats of a batch are sequenced and written by
+the :class:`~.batch_writer.BatchWriter` in one registry transaction, the registry's ingest
+turn, per ``batch_size`` messages or ``max_delay_seconds``, whichever comes first. So
+several orchestrators can consume one heartbeat queue for one registry: each batch is
+sequenced against the agents' state as the registry holds it.
 Messages are acknowledged only after their batch is committed (on AMQP with one
 ``multiple=True`` ack), so a crash loses nothing: unacked messages are redelivered.
 Rejected messages are acknowledged too (dropped, never requeued).
@@ -34,8 +37,8 @@ from kombu.messaging import Consumer
 
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import BrokerLoginRefused, RegistryError
-from chiffon_worker.orchestrator.batch_writer import Batch, BatchWriter
-from chiffon_worker.orchestrator.judge import HeartbeatJudge
+from chiffon_worker.orchestrator.batch_writer import BatchWriter
+from chiffon_worker.orchestrator.judge import Checked, HeartbeatJudge
 from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class HeartbeatConsumer:
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._messages: list[Any] = []
+        self._held: list[Checked] = []  # checked heartbeats of the messages not yet acked
         self._first_pending_at = 0.0
         self._multiple_ack = False
 
@@ -199,19 +203,21 @@ class HeartbeatConsumer:
         if not self._messages:
             self._first_pending_at = time.monotonic()
         self._messages.append(message)
-        outcome = self.judge.judge_message(
+        checked = self.judge.check(
             message.body, message.headers, message.content_type, message.content_encoding,
             received_at=time.time(),
             redelivered=bool(message.delivery_info.get("redelivered", False)))
-        self.writer.keep(outcome)
+        if isinstance(checked, Checked):
+            self._held.append(checked)
         if len(self._messages) >= self.batch_size:
             self._flush()
 
-    def _write(self, batch: Batch) -> None:
-        """Commit ``batch``, retrying per ``write_retry_delays``."""
+    def _write(self) -> None:
+        """Sequence and commit the held heartbeats, retrying per ``write_retry_delays``."""
         for attempt, delay in enumerate((*self.write_retry_delays, None), start=1):
             try:
-                self.writer.write(batch)
+                self.writer.commit(self._held, self.judge)
+                self._held = []
                 return
             except RegistryError as exc:
                 if delay is None or self._stop.is_set():
@@ -225,11 +231,9 @@ class HeartbeatConsumer:
         Commits run in this thread: a writer thread was measured slower here (the GIL
         makes the two threads take turns rather than overlap).
         """
-        if not self._messages and not self.writer.pending:
+        if not self._messages and not self._held:
             return
-        batch = self.writer.take_batch()
-        if batch is not None:
-            self._write(batch)
+        self._write()
         messages, self._messages = self._messages, []
         if not messages:
             return
@@ -246,9 +250,8 @@ class HeartbeatConsumer:
         duplicates and are acked then.
         """
         self._messages = []
-        batch = self.writer.take_batch()
-        if batch is not None:
-            self._write(batch)
+        if self._held:
+            self._write()
 
 
 def _release(conn: Connection) -> None:

@@ -29,13 +29,20 @@ class IngestStats:
     write_seconds: float = 0.0
     write_errors: int = 0
     connection_losses: int = 0
+    #: accepted heartbeats that came after a newer one of their agent and filled its gap
+    late: int = 0
 
     def copy(self) -> IngestStats:
         """An independent copy (for a scrape)."""
         return IngestStats(self.accepted, Counter(self.rejected), Counter(self.ignored),
                            self.restarts, self.gaps, self.missed, self.clock_skewed,
                            self.batches, self.write_seconds, self.write_errors,
-                           self.connection_losses)
+                           self.connection_losses, self.late)
+
+    def restore(self, earlier: IngestStats) -> None:
+        """Take every count back to ``earlier`` (a :meth:`copy`), undoing what came after."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(earlier.copy(), name))
 
     @property
     def conflicts(self) -> int:

@@ -8,11 +8,23 @@ a heartbeat costs no query. Per message: decode (:mod:`.decoding`), check the si
 registry can store it, sequence (:mod:`.liveness`), and build the agent row and history
 point an accepted heartbeat writes (:class:`Rows`; :mod:`.batch_writer` writes them).
 
+Judging is two steps. :meth:`HeartbeatJudge.check` needs no state: decode, signature,
+validation, storability; it gives a :class:`Checked` heartbeat or a final outcome (a
+rejection, an expired message). :meth:`HeartbeatJudge.sequence` decides a checked
+heartbeat against the agent's state. Several orchestrators may share one registry: the
+consumer checks each message as it arrives and sequences a batch inside the registry's
+ingest turn (:meth:`~.registry.Registry.ingest_turn`), after :meth:`~HeartbeatJudge.reload`
+when another orchestrator wrote since, so the database decides the order.
+:meth:`~HeartbeatJudge.judge_message` does both at once.
+
 Outcomes: *accepted* (rows to write), *rejected* (not a valid heartbeat, or unsigned,
 forged or replayed when signing is on: counted by reason, logged, dropped) and *ignored*
 (a valid but stale heartbeat: duplicate, out of order, from a superseded boot, expired,
-or a redelivery after a broker reconnect). Counts go to :class:`.IngestStats`; log lines
-are rate-limited per kind.
+or a redelivery after a broker reconnect). A heartbeat older than the newest one whose
+sequence number was counted missed is *late* (another orchestrator took the newer one
+first, or its first consumer died before acking it): it is accepted as a history point
+and takes its number back from ``missed``; the agent's row keeps the newer snapshot.
+Counts go to :class:`.IngestStats`; log lines are rate-limited per kind.
 """
 
 from __future__ import annotations
@@ -45,6 +57,11 @@ log = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 IGNORED = "ignored"
+#: The reason of an accepted heartbeat that arrived after a newer one and fills its gap.
+LATE = "late"
+#: Sequence numbers counted missed that are remembered per agent, newest last, so that
+#: their heartbeats, arriving late, can take them back.
+MAX_MISSED_SEQS = 64
 
 
 def legacy_vram_known(snap: Mapping[str, Any]) -> bool:
@@ -67,6 +84,30 @@ class Rows:
 
     agent: dict[str, Any]
     history: dict[str, Any]
+    #: a late heartbeat: ``agent`` holds only ``agent_id`` and the columns a late
+    #: heartbeat changes (:data:`LATE_COLUMNS`); the row keeps the newer snapshot
+    late: bool = False
+
+
+#: The columns of ``chiffon_agents`` a late heartbeat updates.
+LATE_COLUMNS = ("missed", "missed_seqs", "history_count")
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A heartbeat that passed :meth:`HeartbeatJudge.check`: the validated snapshot, its
+    JSON text as received (None: serialise when written), its receipt time (unix
+    seconds) and whether the broker redelivered it."""
+
+    snapshot: dict[str, Any]
+    text: str | None
+    received_at: float
+    redelivered: bool
+
+    @property
+    def agent_id(self) -> str:
+        """The agent that sent it."""
+        return str(self.snapshot["agent_id"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +126,11 @@ class _AgentMemory:
     """Per-agent state the judge needs between heartbeats."""
 
     __slots__ = ("first_seen", "history_count", "hostname", "interval", "last_received",
-                 "missed", "past_json", "restarts", "seq", "skewed")
+                 "missed", "missed_seqs", "past_json", "restarts", "seq", "skewed")
 
     def __init__(self, seq: liveness.SeqState, *, first_seen: float, restarts: int, missed: int,
                  history_count: int, skewed: bool, hostname: str, last_received: float,
-                 interval: float) -> None:
+                 interval: float, missed_seqs: tuple[int, ...] = ()) -> None:
         self.seq = seq
         self.hostname = hostname
         self.last_received = last_received
@@ -100,6 +141,20 @@ class _AgentMemory:
         self.history_count = history_count
         self.skewed = skewed
         self.past_json = json.dumps(list(seq.past_boot_ids))
+        #: sequence numbers of the current process counted missed (newest last)
+        self.missed_seqs = list(missed_seqs)
+
+    @classmethod
+    def of(cls, record: AgentRecord) -> _AgentMemory:
+        """What the registry's ``record`` says of an agent."""
+        return cls(liveness.SeqState(record.boot_id, record.started_at, record.seq,
+                                     record.past_boot_ids),
+                   first_seen=record.first_seen, restarts=record.restarts,
+                   missed=record.missed, history_count=record.history_count,
+                   skewed=record.clock_skew_seconds is not None, hostname=record.hostname,
+                   last_received=record.last_seen,
+                   interval=record.heartbeat_interval_seconds,
+                   missed_seqs=record.missed_seqs)
 
 
 class HeartbeatJudge:
@@ -120,14 +175,21 @@ class HeartbeatJudge:
         self.history_points = history_points
         self._log = LimitedLog(log)
         self._agents: dict[str, _AgentMemory] = {}
-        for record in known:
-            self._agents[record.agent_id] = _AgentMemory(
-                liveness.SeqState(record.boot_id, record.started_at, record.seq,
-                                  record.past_boot_ids),
-                first_seen=record.first_seen, restarts=record.restarts, missed=record.missed,
-                history_count=record.history_count,
-                skewed=record.clock_skew_seconds is not None, hostname=record.hostname,
-                last_received=record.last_seen, interval=record.heartbeat_interval_seconds)
+        self.reload(known)
+
+    def reload(self, records: Iterable[AgentRecord]) -> None:
+        """Forget every agent's state, then take it from ``records`` (the registry's, read
+        in the ingest turn: what another orchestrator committed is the truth)."""
+        self._agents = {record.agent_id: _AgentMemory.of(record) for record in records}
+
+    def remember(self, records: Iterable[AgentRecord]) -> None:
+        """Take these agents' state from the registry's ``records`` (others are kept)."""
+        for record in records:
+            self._agents[record.agent_id] = _AgentMemory.of(record)
+
+    def unknown(self, agent_ids: Iterable[str]) -> set[str]:
+        """Those of ``agent_ids`` whose state the judge does not hold."""
+        return {agent_id for agent_id in agent_ids if agent_id not in self._agents}
 
     def judge_message(self, body: bytes | str, headers: Mapping[str, Any] | None,
                       content_type: str | None, content_encoding: str | None = None, *,
@@ -136,15 +198,9 @@ class HeartbeatJudge:
 
         Never raises for bad input (it is counted and logged).
         """
-        try:
-            expiry = decoding.expires_at(headers)
-            decoded = decoding.decode_heartbeat(body, headers, content_type, content_encoding)
-        except HeartbeatRejected as exc:
-            return self._reject(exc, received_at)
-        if expiry is not None and expiry < received_at:
-            return self._ignore("expired", decoded.snapshot.get("agent_id"), received_at)
-        return self.judge_snapshot(decoded.snapshot, received_at=received_at,
-                                   redelivered=redelivered, text=decoded.text)
+        checked = self.check(body, headers, content_type, content_encoding,
+                             received_at=received_at, redelivered=redelivered)
+        return checked if isinstance(checked, Outcome) else self.sequence(checked)
 
     def judge_snapshot(self, snapshot: Mapping[str, Any], *, received_at: float,
                        redelivered: bool = False, text: str | None = None) -> Outcome:
@@ -153,6 +209,29 @@ class HeartbeatJudge:
         ``text``: the snapshot's JSON as received, stored as is (else it is serialised
         when written).
         """
+        checked = self.check_snapshot(snapshot, received_at=received_at,
+                                      redelivered=redelivered, text=text)
+        return checked if isinstance(checked, Outcome) else self.sequence(checked)
+
+    def check(self, body: bytes | str, headers: Mapping[str, Any] | None,
+              content_type: str | None, content_encoding: str | None = None, *,
+              received_at: float, redelivered: bool = False) -> Checked | Outcome:
+        """The stateless step for one raw message: a :class:`Checked` heartbeat to
+        sequence, or the final outcome (rejected, or ignored as expired)."""
+        try:
+            expiry = decoding.expires_at(headers)
+            decoded = decoding.decode_heartbeat(body, headers, content_type, content_encoding)
+        except HeartbeatRejected as exc:
+            return self._reject(exc, received_at)
+        if expiry is not None and expiry < received_at:
+            return self._ignore("expired", decoded.snapshot.get("agent_id"), received_at)
+        return self.check_snapshot(decoded.snapshot, received_at=received_at,
+                                   redelivered=redelivered, text=decoded.text)
+
+    def check_snapshot(self, snapshot: Mapping[str, Any], *, received_at: float,
+                       redelivered: bool = False, text: str | None = None
+                       ) -> Checked | Outcome:
+        """The stateless step for one decoded snapshot (see :meth:`check`)."""
         raw_id = snapshot.get("agent_id")
         agent_id = raw_id if isinstance(raw_id, str) else None
         try:
@@ -165,15 +244,22 @@ class HeartbeatJudge:
         except ProtocolError as exc:
             reason = decoding.SCHEMA_VERSION if exc.field == "schema" else decoding.INVALID
             return self._reject(HeartbeatRejected(reason, str(exc), agent_id), received_at)
-        return self._sequence(snap, received_at, redelivered, text)
+        return Checked(snap, text, received_at, redelivered)
 
-    def _sequence(self, snap: dict[str, Any], received_at: float, redelivered: bool,
-                  text: str | None) -> Outcome:
+    def sequence(self, checked: Checked) -> Outcome:
+        """Decide a checked heartbeat against its agent's state (and advance the state)."""
+        snap, received_at = checked.snapshot, checked.received_at
+        redelivered, text = checked.redelivered, checked.text
         agent_id: str = snap["agent_id"]
         memory = self._agents.get(agent_id)
         prev = memory.seq if memory is not None else None
         boot_id, started_at, seq = snap["boot_id"], float(snap["started_at"]), snap["seq"]
         verdict = liveness.sequence(prev, boot_id, started_at, seq)
+        if memory is not None and prev is not None \
+                and verdict.verdict is liveness.Verdict.OUT_OF_ORDER \
+                and (boot_id, started_at) == (prev.boot_id, prev.started_at) \
+                and seq in memory.missed_seqs:
+            return self._late(agent_id, memory, snap, received_at)
         if verdict.verdict is liveness.Verdict.STALE_BOOT and memory is not None \
                 and not redelivered:
             if liveness.superseder_went_silent(memory.last_received, memory.interval,
@@ -221,6 +307,7 @@ class HeartbeatJudge:
         heartbeat; ``memory.seq`` already holds the new one)."""
         agent_id, seq = snap["agent_id"], snap["seq"]
         if verdict.verdict is liveness.Verdict.RESTART:
+            memory.missed_seqs = []
             memory.restarts += 1
             self.stats.restarts += 1
             memory.past_json = json.dumps(list(memory.seq.past_boot_ids))
@@ -228,6 +315,9 @@ class HeartbeatJudge:
                           "agent %s restarted (boot %s seq %s -> boot %s seq %d)", agent_id,
                           prev.boot_id, prev.seq, snap["boot_id"], seq)
         elif verdict.missed:
+            memory.missed_seqs.extend(range(max(seq - verdict.missed, seq - MAX_MISSED_SEQS),
+                                            seq))
+            del memory.missed_seqs[:-MAX_MISSED_SEQS]
             memory.missed += verdict.missed
             self.stats.gaps += 1
             self.stats.missed += verdict.missed
@@ -261,16 +351,38 @@ class HeartbeatJudge:
         row["restarts"] = memory.restarts
         row["missed"] = memory.missed
         row["past_boot_ids"] = memory.past_json
+        row["missed_seqs"] = json.dumps(memory.missed_seqs)
         row["clock_skew_seconds"] = skew
-        slot = memory.history_count % self.history_points
-        memory.history_count += 1
-        row["history_count"] = memory.history_count
         row["snapshot"] = snap if text is None else text
+        point = self._point(agent_id, memory, snap, received_at)
+        row["history_count"] = memory.history_count
+        return Rows(row, point)
+
+    def _point(self, agent_id: str, memory: _AgentMemory, snap: Mapping[str, Any],
+               received_at: float) -> dict[str, Any]:
+        """The history point of an accepted heartbeat, in the agent's next ring slot."""
         point = {name: snap[name] for name in HISTORY_METRICS}
         point["agent_id"] = agent_id
-        point["slot"] = slot
+        point["slot"] = memory.history_count % self.history_points
         point["received_at"] = received_at
-        return Rows(row, point)
+        memory.history_count += 1
+        return point
+
+    def _late(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any],
+              now: float) -> Outcome:
+        """A heartbeat whose number was counted missed arrived after all: a history point,
+        one fewer missed; the agent's row keeps its newer snapshot."""
+        memory.missed_seqs.remove(snap["seq"])
+        memory.missed -= 1
+        self.stats.accepted += 1
+        self.stats.late += 1
+        self._log.log(logging.DEBUG, "late", now, "agent %s: seq %d arrived late (after %d)",
+                      agent_id, snap["seq"], memory.seq.seq)
+        point = self._point(agent_id, memory, snap, now)
+        row = {"agent_id": agent_id, "missed": memory.missed,
+               "missed_seqs": json.dumps(memory.missed_seqs),
+               "history_count": memory.history_count}
+        return Outcome(ACCEPTED, LATE, Rows(row, point, late=True))
 
     def _conflict(self, snap: dict[str, Any], memory: _AgentMemory, now: float) -> Outcome:
         """A superseded boot still sends while the current one does: two live processes."""

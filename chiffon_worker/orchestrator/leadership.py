@@ -1,14 +1,16 @@
-"""Which orchestrator consumes the shared heartbeat queue of one registry.
+"""Which orchestrator of one registry follows the agents' events and re-sends drains.
 
 Several ``chiffon orchestrator`` processes may run on one PostgreSQL registry, for high
-availability: exactly one of them, the *leader*, consumes the heartbeat queue and follows
-the agents' events; the others wait as standbys, each trying every ``poll_seconds`` to
-take the lead. The lead is a PostgreSQL session-level advisory lock held on a connection
-of its own. When the leader's process dies its connection closes, PostgreSQL releases the
-lock, and a standby takes over within a poll, reading the agents' state from the registry
-as the leader committed it (nothing lives only in a process's memory). The dead leader's
-unacknowledged heartbeats are redelivered to the new one and recognised as duplicates, so
-``seq``, ``restarts``, ``missed`` and the history come out as with one orchestrator.
+availability and for ingest: all of them consume the shared heartbeat queue (the
+registry's ingest turn orders their writes: :meth:`~.registry.Registry.ingest_turn`), and
+exactly one of them, the *leader*, also follows the agents' Celery events and re-sends
+missed drains; the others try every ``poll_seconds`` to take the lead. The lead is a
+PostgreSQL session-level advisory lock held on a connection of its own. When the leader's
+process dies its connection closes, PostgreSQL releases the lock, and another
+orchestrator takes over within a poll. The dead orchestrator's unacknowledged heartbeats
+are redelivered to the others and recognised (duplicates are ignored; one whose number
+was counted missed fills its gap), so ``seq``, ``restarts``, ``missed`` and the history
+come out as with one orchestrator.
 
 SQLite allows one orchestrator per registry file: a second one refuses to start with
 :class:`RegistryInUse`, naming the file (an exclusive ``flock`` on ``<file>.lock``).
@@ -70,12 +72,14 @@ class Leadership:
         while not stop.is_set():
             if self._try_pg_lock():
                 if waited:
-                    log.info("took the lead on registry %s: consuming %s",
-                             self.registry.masked_url, self.queue)
+                    log.info("took the lead on registry %s (%s): following worker "
+                             "events and drains", self.registry.masked_url, self.queue)
                 return True
             if not waited:
-                log.info("standby: another orchestrator consumes %s for registry %s; taking "
-                         "over when it stops", self.queue, self.registry.masked_url)
+                log.info("standby for the lead on registry %s (%s): another orchestrator "
+                         "follows worker events and drains; this one consumes heartbeats "
+                         "and takes over when it stops", self.registry.masked_url,
+                         self.queue)
                 waited = True
             stop.wait(self.poll_seconds)
         return False

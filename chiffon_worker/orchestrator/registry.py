@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,9 @@ class AgentRecord:
     conflict: Conflict | None = None
     #: when an operator drained the agent (unix seconds; None: not drained)
     drain_requested_at: float | None = None
+    #: sequence numbers of the current process counted in ``missed``, newest last (a late
+    #: heartbeat takes its number back)
+    missed_seqs: tuple[int, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
         """A stored metric by its snapshot key (only called for names not found above)."""
@@ -426,22 +429,58 @@ class Registry:
 
     def write_batch(self, agent_rows: Sequence[Mapping[str, Any]],
                     history_rows: Sequence[Mapping[str, Any]],
-                    conflict_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+                    conflict_rows: Sequence[Mapping[str, Any]] = (),
+                    late_rows: Sequence[Mapping[str, Any]] = ()) -> None:
         """Upsert agent rows and history points in one transaction.
 
         ``agent_rows`` hold every column of ``chiffon_agents`` (at most one per agent id;
         an existing row keeps its ``first_seen``); ``history_rows`` every column of
-        ``chiffon_history`` (at most one per agent id and slot).
+        ``chiffon_history`` (at most one per agent id and slot); ``late_rows`` the
+        ``agent_id`` and the columns a late heartbeat changes (``judge.LATE_COLUMNS``) of
+        agents without a row in ``agent_rows``.
         """
-        if not agent_rows and not history_rows and not conflict_rows:
+        if not agent_rows and not history_rows and not conflict_rows and not late_rows:
             return
         with self._transaction("write") as conn:
-            if agent_rows:
-                self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows)
-            if history_rows:
-                self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
-            if conflict_rows:
-                self._upsert(conn, sql_schema.conflicts, ("agent_id",), conflict_rows)
+            self._write_rows(conn, agent_rows, history_rows, conflict_rows, late_rows)
+
+    def _write_rows(self, conn: Connection, agent_rows: Sequence[Mapping[str, Any]],
+                    history_rows: Sequence[Mapping[str, Any]],
+                    conflict_rows: Sequence[Mapping[str, Any]],
+                    late_rows: Sequence[Mapping[str, Any]]) -> None:
+        if agent_rows:
+            self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows)
+        if late_rows:
+            a = sql_schema.agents
+            conn.execute(update(a).where(a.c.agent_id == bindparam("b_agent_id")).values(
+                {name: bindparam(f"b_{name}") for name in _LATE_COLUMNS}),
+                [{f"b_{key}": value for key, value in row.items()} for row in late_rows])
+        if history_rows:
+            self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
+        if conflict_rows:
+            self._upsert(conn, sql_schema.conflicts, ("agent_id",), conflict_rows)
+
+    @contextmanager
+    def ingest_turn(self, writer: str) -> Iterator[IngestTurn]:
+        """A transaction holding the registry's ingest turn (see
+        ``sql_schema.ingest_turns``): heartbeat batches of every orchestrator on this
+        registry commit one at a time, each reading the agents' state as the one before
+        committed it. ``writer`` names the caller (host and pid)."""
+        with self._transaction("write heartbeats to") as conn:
+            yield IngestTurn(self, conn, self._take_turn(conn, writer))
+
+    def _take_turn(self, conn: Connection, writer: str) -> int:
+        """Advance the ingest generation on ``conn`` (locking its row until commit);
+        returns the new generation."""
+        turns = sql_schema.ingest_turns
+        advance = (update(turns).where(turns.c.id == 1)
+                   .values(generation=turns.c.generation + 1, writer=writer)
+                   .returning(turns.c.generation))
+        generation = conn.execute(advance).scalar()
+        if generation is None:
+            self._upsert(conn, turns, ("id",), [{"id": 1, "generation": 0, "writer": writer}])
+            generation = conn.execute(advance).scalar()
+        return int(generation or 0)
 
     def write_signs(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Upsert signs of life (every column of ``chiffon_signs_of_life``, one row per agent)."""
@@ -456,8 +495,10 @@ class Registry:
             return {row[0] for row in conn.execute(select(sql_schema.agents.c.agent_id))}
 
     def forget(self, agent_id: str) -> bool:
-        """Remove an agent and its history; returns whether it was known."""
+        """Remove an agent and its history; returns whether it was known. Takes the ingest
+        turn, so orchestrators drop what they remember of the agent."""
         with self._transaction("write") as conn:
+            self._take_turn(conn, "forget")
             conn.execute(delete(sql_schema.history)
                          .where(sql_schema.history.c.agent_id == agent_id))
             conn.execute(delete(sql_schema.signs_of_life)
@@ -787,6 +828,38 @@ _CANDIDATE_BATCH = 64
 _SEEN_WORK_TTL_SECONDS = 86400.0
 
 
+#: The columns a late heartbeat updates (``judge.LATE_COLUMNS``, which is checked against
+#: this in the tests: the registry does not import the judge).
+_LATE_COLUMNS = ("missed", "missed_seqs", "history_count")
+
+
+class IngestTurn:
+    """The ingest turn of one heartbeat batch (:meth:`Registry.ingest_turn`): read the
+    agents' state and write the batch's rows on its transaction."""
+
+    def __init__(self, registry: Registry, conn: Connection, generation: int) -> None:
+        self._registry = registry
+        self._conn = conn
+        #: the registry's ingest generation after this turn (one per batch or forget)
+        self.generation = generation
+
+    def agents(self, agent_ids: Iterable[str]) -> list[AgentRecord]:
+        """The stored records (without snapshots) of those of ``agent_ids`` known."""
+        ids = sorted(set(agent_ids))
+        if not ids:
+            return []
+        query = _agents_query(False).where(sql_schema.agents.c.agent_id.in_(ids))
+        return [_record(row) for row in self._conn.execute(query).mappings()]
+
+    def write(self, agent_rows: Sequence[Mapping[str, Any]],
+              history_rows: Sequence[Mapping[str, Any]],
+              conflict_rows: Sequence[Mapping[str, Any]] = (),
+              late_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Write rows as :meth:`Registry.write_batch` does, in this turn."""
+        self._registry._write_rows(self._conn, agent_rows, history_rows, conflict_rows,
+                                   late_rows)
+
+
 @dataclass(frozen=True)
 class WorkEvent:
     """What an agent's task event says about one piece of work: its new state, when
@@ -863,7 +936,7 @@ class _RecordReader:
     def __init__(self, keys: Sequence[str]) -> None:
         index = {key: i for i, key in enumerate(keys)}
         apart = {*_SIGN_COLUMNS, *_CONFLICT_COLUMNS, *_METRIC_COLUMNS, "past_boot_ids",
-                 "snapshot"}
+                 "missed_seqs", "snapshot"}
         self.fields = tuple((key, i) for key, i in index.items() if key not in apart)
         self.metrics = tuple((key, index[key]) for key in _METRIC_COLUMNS)
         self.signs = tuple((key, index[key]) for key in _SIGN_COLUMNS)
@@ -871,6 +944,7 @@ class _RecordReader:
         self.conflict = tuple((name, index[label]) for label, name in _CONFLICT_COLUMNS.items())
         self.conflict_seen_at = index["conflict_seen_at"]
         self.past_boot_ids = index["past_boot_ids"]
+        self.missed_seqs = index["missed_seqs"]
         self.snapshot = index.get("snapshot")
 
     def record(self, row: Sequence[Any], *, decode_snapshot: bool = True) -> AgentRecord:
@@ -884,6 +958,9 @@ class _RecordReader:
             values["conflict"] = Conflict(**{key: row[i] for key, i in self.conflict})
         past = row[self.past_boot_ids]
         values["past_boot_ids"] = () if past == "[]" else tuple(json.loads(past))
+        missed_seqs = row[self.missed_seqs]
+        values["missed_seqs"] = () if missed_seqs in (None, "[]") else tuple(
+            json.loads(missed_seqs))
         if decode_snapshot:
             text = self.snapshot_text(row)
             values["snapshot"] = json.loads(text) if text else {}

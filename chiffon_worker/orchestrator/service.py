@@ -1,7 +1,11 @@
 """``chiffon orchestrator``: consumer + registry + worker events + drains + ``/metrics`` in
 one process.
 
-The consumer runs in the calling thread; the metrics server in a daemon thread.
+The consumer runs in the calling thread; the metrics server in a daemon thread. Several
+orchestrators may run on one PostgreSQL registry: every one of them consumes the shared
+heartbeat queue (the registry's ingest turn orders their writes), and the one holding
+the lead (:mod:`.leadership`) also follows the agents' events and re-sends drains; the
+others take the lead when it goes. One orchestrator per SQLite registry.
 SIGTERM and SIGINT ask the consumer to stop: it commits and acks what it holds, closes
 the broker connection, and :func:`run_orchestrator` returns. A broker that refuses the
 login, to the consumer or to the worker-event listener, stops everything too:
@@ -65,6 +69,8 @@ class Orchestrator:
         self._refused: BrokerLoginRefused | None = None
         self.leadership: Leadership | None = None
         self._lost_lead = False
+        self._lead_thread: threading.Thread | None = None
+        self._lead_lock = threading.Lock()
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from signal handlers and other threads)."""
@@ -89,16 +95,17 @@ class Orchestrator:
             if self.copy and self.queue == HEARTBEAT_QUEUE:
                 self.queue = HEARTBEAT_COPY_PREFIX + self.registry.registry_id()
             self.leadership = Leadership(self.registry, self.queue)
-            if not self.leadership.acquire(self._stop):
-                return
+            if not self.leadership.shared:
+                self.leadership.acquire(self._stop)  # SQLite: refuses a second orchestrator
             trimmed = self.registry.trim_history()
             if trimmed:
                 log.info("dropped %d history points beyond the kept %d per agent", trimmed,
                          self.registry.history_points)
             stats = IngestStats()
-            known = self.registry.agents()
-            log.info("registry %s: %d agents known", self.registry.masked_url, len(known))
-            judge = HeartbeatJudge(known, history_points=self.registry.history_points,
+            log.info("registry %s: %d agents known", self.registry.masked_url,
+                     len(self.registry.agent_ids()))
+            # the judge learns each agent's state from the registry in its first batch
+            judge = HeartbeatJudge((), history_points=self.registry.history_points,
                                    secret=self.config.heartbeat_secret, stats=stats)
             self.consumer = HeartbeatConsumer(
                 self.config.effective_broker_url, judge, BatchWriter(self.registry, stats=stats),
@@ -116,6 +123,30 @@ class Orchestrator:
                      "required" if self.config.heartbeat_secret else "not required")
             if self._stop.is_set():
                 return
+            self._lead_thread = threading.Thread(target=self._lead, daemon=True,
+                                                 name="chiffon-lead")
+            self._lead_thread.start()
+            self.consumer.run()
+            if self._lost_lead:
+                raise RegistryError(f"lost the lead on registry {self.registry.masked_url} "
+                                    "(its database connection failed); stopping so that "
+                                    "another orchestrator, or a restart, takes over")
+            if self._refused is not None:
+                raise self._refused
+        finally:
+            self.close()
+
+    def _lead(self) -> None:
+        """Take the lead (at once on SQLite; on PostgreSQL when no other orchestrator of
+        this registry holds it), then follow the agents' events and re-send drains; stop
+        everything if the lead is lost (its database connection failed)."""
+        if self.leadership is None or self.registry is None:
+            return
+        if self.leadership.shared and not self.leadership.acquire(self._stop):
+            return
+        with self._lead_lock:
+            if self._stop.is_set():
+                return
             self.events = WorkerEventListener(self.config.effective_broker_url, self.registry,
                                               on_refused=self.on_refused)
             self._events_thread = threading.Thread(target=self.events.run, daemon=True,
@@ -127,20 +158,6 @@ class Orchestrator:
                 target=DrainEnforcer(self._drains_control).follow,
                 args=(self.registry, self._stop), daemon=True, name="chiffon-drain-enforcer")
             self._drains_thread.start()
-            threading.Thread(target=self._watch_lead, daemon=True,
-                             name="chiffon-lead-watch").start()
-            self.consumer.run()
-            if self._lost_lead:
-                raise RegistryError(f"lost the lead on registry {self.registry.masked_url} "
-                                    "(its database connection failed); stopping so that "
-                                    "another orchestrator, or a restart, takes over")
-            if self._refused is not None:
-                raise self._refused
-        finally:
-            self.close()
-
-    def _watch_lead(self) -> None:
-        """Stop everything if the lead is lost (its database connection failed)."""
         while not self._stop.wait(CHECK_SECONDS):
             if self.leadership is not None and not self.leadership.holds():
                 self._lost_lead = True
@@ -150,6 +167,12 @@ class Orchestrator:
     def close(self) -> None:
         """Stop the event listener and the metrics server; give up the lead; release the
         registry."""
+        self._stop.set()
+        with self._lead_lock:  # no part starts after this
+            pass
+        if self._lead_thread is not None:
+            self._lead_thread.join(timeout=5.0)
+            self._lead_thread = None
         if self.events is not None:
             self.events.stop()
         if self._events_thread is not None:

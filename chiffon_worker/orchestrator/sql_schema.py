@@ -40,8 +40,10 @@ from chiffon_worker.snapshot import Column as ColumnSpec
 #: 2: GPU health, power, processes and whether free VRAM is known (``agents`` columns
 #: added by :func:`missing_agent_columns`, NULL for agents that have not reported them).
 #: 3: ``accepting``, ``accepting_reason`` and ``work_running`` (drain), added the same
-#: way. New tables (``chiffon_drains``) need no bump: ``create_all`` adds them anywhere.
-SCHEMA_VERSION = 3
+#: way. 4: ``missed_seqs`` (several orchestrators on one registry), the same way. New
+#: tables (``chiffon_drains``, ``chiffon_ingest_turns``) need no bump: ``create_all`` adds
+#: them anywhere.
+SCHEMA_VERSION = 4
 #: Largest values of the integer column types (``integer``: 32-bit, ``bigint``: 64-bit).
 INT_LIMITS = {"integer": (1 << 31) - 1, "bigint": (1 << 63) - 1}
 
@@ -85,6 +87,9 @@ agents = Table(
     Column("restarts", BigInteger, nullable=False),
     Column("missed", BigInteger, nullable=False),
     Column("past_boot_ids", Text, nullable=False),
+    # sequence numbers of the current process counted missed, newest last (JSON list;
+    # NULL in rows written before schema 4): a late heartbeat takes its number back
+    Column("missed_seqs", Text, nullable=True),
     Column("history_count", BigInteger, nullable=False),
     Column("clock_skew_seconds", Float, nullable=True),
     Column("snapshot", Text, nullable=False),
@@ -115,6 +120,18 @@ signs_of_life = Table(
     Column("event_interval_seconds", Float, nullable=False),
     Column("offline_at", Float, nullable=True),
     postgresql_with={"fillfactor": 50},
+)
+
+#: The turn of the orchestrators writing heartbeats into this registry: one row, whose
+#: update every heartbeat batch makes first, so batches of several orchestrators commit
+#: one at a time. ``generation`` counts the batches; an orchestrator that finds it one
+#: above the value it wrote last knows nobody else wrote in between (its memory of the
+#: agents is current); ``writer`` says who wrote last. Additive: made by ``create_all``.
+ingest_turns = Table(
+    "chiffon_ingest_turns", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("writer", String(200), nullable=False),
 )
 
 #: A second live process claiming an agent's id: its newest heartbeat (host, boot, receipt

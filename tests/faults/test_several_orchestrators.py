@@ -1,9 +1,11 @@
 """Several orchestrators: real ``chiffon orchestrator`` processes and real agents on a
 private vhost of the machine's RabbitMQ.
 
-- On one PostgreSQL registry, two orchestrators share the heartbeat queue: one leads,
-  the other stands by; kill the leader (SIGKILL, mid-batch) and the standby takes over.
-  Every agent's ``seq``, ``restarts``, ``missed`` and history come out exactly as the
+- On one PostgreSQL registry, three orchestrators consume the heartbeat queue together
+  (RabbitMQ hands each of them every third heartbeat or so, so an agent's heartbeats reach
+  the registry through all three, in any order); one leads (follows worker events). Kill
+  the leader (SIGKILL, mid-batch): the others carry on and one takes the lead. Every
+  agent's ``seq``, ``restarts``, ``missed`` and history come out exactly as the
   heartbeats the agents sent (seen through a tap of their own).
 - A second registry filled with ``--copy`` gets every heartbeat too, taking none.
 - On SQLite a second orchestrator on the same file refuses to start, naming the file.
@@ -11,11 +13,13 @@ private vhost of the machine's RabbitMQ.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -34,6 +38,7 @@ from tests.orchestrator_process import (
     Orchestrator,
     VhostUnavailable,
     private_vhost,
+    rabbitmqctl,
     start_orchestrator,
 )
 from tests.waiting import wait_until
@@ -84,20 +89,32 @@ def orchestrator(tmp: Path, name: str, broker: str, database: str, *args: str
 
 
 def consuming(orch: Orchestrator) -> bool:
-    return "consuming chiffon.heartbeats" in orch.log()
+    return "consuming chiffon.heartbeats on" in orch.log()
 
 
-def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agents_sent(
+def consumers(vhost_url: str, queue: str) -> int:
+    """How many consumers ``queue`` has on the vhost of ``vhost_url``."""
+    listed = rabbitmqctl("list_queues", "-p", urlsplit(vhost_url).path.lstrip("/"), "name",
+                         "consumers", "--quiet", "--formatter", "json")
+    return next((int(q["consumers"]) for q in json.loads(listed.stdout or "[]")
+                 if q["name"] == queue), 0)
+
+
+def test_orchestrators_share_the_queue_and_the_books_match_what_agents_sent_after_a_kill(
         tmp_path: Path, vhost: str, pg_database: str) -> None:
     first = orchestrator(tmp_path, "first", vhost, pg_database)
-    wait_until(lambda: consuming(first), 30, "the first orchestrator to lead")
-    second = orchestrator(tmp_path, "second", vhost, pg_database)
+    wait_until(lambda: consuming(first) and "following worker events" in first.log(), 30,
+               "the first orchestrator to consume and lead")
+    others = [orchestrator(tmp_path, name, vhost, pg_database) for name in ("second", "third")]
     copy = orchestrator(tmp_path, "copy", vhost,
                         f"sqlite:///{tmp_path / 'copy.sqlite3'}", "--copy")
     agents: list[Agent] = []
     taps: dict[str, HeartbeatTap] = {}
     try:
-        wait_until(lambda: "standby" in second.log(), 30, "the second to stand by")
+        wait_until(lambda: all(consuming(o) and "standby" in o.log() for o in others), 30,
+                   "the others to consume, standing by for the lead")
+        wait_until(lambda: consumers(vhost, "chiffon.heartbeats") == 3, 30,
+                   "three consumers on the heartbeat queue")
         wait_until(lambda: "consuming chiffon.heartbeats.copy." in copy.log(), 30,
              "the copy to consume its own queue")
         for _ in range(AGENTS):
@@ -108,7 +125,9 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agen
             tap.wait_for(6, 60)
         first.popen.send_signal(signal.SIGKILL)  # mid-flow: unacked heartbeats go back
         first.popen.wait(10)
-        wait_until(lambda: "took the lead" in second.log(), 30, "the standby to take the lead")
+        wait_until(lambda: any("took the lead" in o.log() for o in others), 30,
+                   "another orchestrator to take the lead")
+        assert consumers(vhost, "chiffon.heartbeats") == 2
         for tap in taps.values():
             tap.wait_for(len(tap.received) + 6, 60)
         for agent in agents:
@@ -137,7 +156,7 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_books_match_what_agen
         for agent in agents:
             agent.stop()
             delete_agent_queues(vhost, agent.pool, agent.agent_queue)
-        for orch in (first, second, copy):
+        for orch in (first, *others, copy):
             orch.stop()
 
 

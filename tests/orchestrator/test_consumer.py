@@ -91,7 +91,7 @@ def test_messages_stay_in_the_queue_when_the_registry_cannot_commit_them(
     def fail(*_args: Any) -> None:
         raise RegistryError("cannot write registry test: disk is full")
 
-    monkeypatch.setattr(sqlite_registry, "write_batch", fail)
+    monkeypatch.setattr(sqlite_registry, "_write_rows", fail)
     consumer = feeding.consumer(rabbitmq_url, sqlite_registry, queue=queue_name,
                                 write_retry_delays=(0.05, 0.05), max_delay_seconds=0.05,
                                 poll_seconds=0.05)

@@ -102,7 +102,7 @@ def test_an_older_agents_heartbeat_leaves_accepting_and_work_running_null(
         None, None, None)
 
 
-def test_a_schema_2_registry_is_upgraded_to_3_keeping_its_agents(
+def test_a_schema_2_registry_is_upgraded_to_the_current_schema_keeping_its_agents(
         registry_factory: RegistryFactory) -> None:
     registry = registry_factory()
     fed(registry, make_snapshot("old-1"))
@@ -110,12 +110,12 @@ def test_a_schema_2_registry_is_upgraded_to_3_keeping_its_agents(
     versions = (f'"{registry.schema}".chiffon_schema_version' if registry.schema
                 else "chiffon_schema_version")
     with registry.engine.begin() as conn:  # back to what a schema-2 chiffon made
-        for column in ("accepting", "accepting_reason", "work_running"):
+        for column in ("accepting", "accepting_reason", "work_running", "missed_seqs"):
             conn.execute(text(f"ALTER TABLE {agents} DROP COLUMN {column}"))
-        conn.execute(text(f"UPDATE {versions} SET version = 2 WHERE version = 3"))
+        conn.execute(text(f"UPDATE {versions} SET version = 2 WHERE version = 4"))
     registry.close()
     upgraded = registry_factory()
-    assert upgraded.schema_version() == sql_schema.SCHEMA_VERSION == 3
+    assert upgraded.schema_version() == sql_schema.SCHEMA_VERSION == 4
     old = upgraded.agent("old-1")
     assert old is not None and old.metrics["accepting"] is None
     fed(upgraded, make_snapshot("new-1", accepting=False, accepting_reason="drained",

@@ -221,7 +221,7 @@ def _first_release_registry_holding_an_agent(url: str, schema: str | None) -> No
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
+def test_a_first_release_registry_is_upgraded_to_the_current_schema_keeping_its_agents(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if backend == "sqlite":
         url, schema = f"sqlite:///{tmp_path / 'old.sqlite3'}", None
@@ -229,9 +229,10 @@ def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
         url, schema = POSTGRES_URL, request.getfixturevalue("pg_schema")
     _first_release_registry_holding_an_agent(url, schema)
     with Registry(url, schema=schema) as registry:
-        assert registry.schema_version() == sql_schema.SCHEMA_VERSION == 3
+        assert registry.schema_version() == sql_schema.SCHEMA_VERSION == 4
         old = registry.agent("old-1")
         assert old is not None and old.metrics["gpu_health"] is None
+        assert old.missed_seqs == ()
         feed(registry, make_snapshot("new-1", gpu_health="degraded", gpu_power_draw_w=312.5,
                                      gpu_vram_known=False, gpu_processes=3))
         new = registry.agent("new-1")
@@ -239,4 +240,4 @@ def test_a_first_release_registry_is_upgraded_to_schema_2_keeping_its_agents(
         assert (new.gpu_health, new.gpu_power_draw_w, new.gpu_vram_known,
                 new.gpu_processes) == ("degraded", 312.5, False, 3)
     with Registry(url, schema=schema) as again:  # opening it again changes nothing
-        assert again.schema_version() == 3
+        assert again.schema_version() == 4

@@ -22,7 +22,7 @@ from chiffon_worker.snapshot import FIELDS, Field
 
 AGENTS_COLUMNS = {
     "agent_id", "hostname", "pool", "first_seen", "last_seen", "boot_id", "started_at", "seq",
-    "restarts", "missed", "past_boot_ids", "history_count", "collected_at",
+    "restarts", "missed", "missed_seqs", "past_boot_ids", "history_count", "collected_at",
     "clock_skew_seconds", "heartbeat_interval_seconds", "heartbeat_timeout_seconds",
     "cpu_load_1min", "cpu_cores_physical", "cpu_cores_available", "memory_available_gb",
     "memory_total_gb", "gpu_type", "gpu_vram_available_gb", "gpu_vram_total_gb", "snapshot",
