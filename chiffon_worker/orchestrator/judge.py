@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,16 @@ LATE = "late"
 #: Sequence numbers counted missed that are remembered per agent, newest last, so that
 #: their heartbeats, arriving late, can take them back.
 MAX_MISSED_SEQS = 64
+
+
+#: The required columns' and the history metrics' values of a snapshot, in column order.
+_REQUIRED = operator.itemgetter(*REQUIRED_COLUMNS)
+_HISTORY = operator.itemgetter(*HISTORY_METRICS)
+
+
+def _seqs_json(seqs: list[int]) -> str:
+    """``seqs`` as a JSON list (almost always empty)."""
+    return json.dumps(seqs) if seqs else "[]"
 
 
 def legacy_vram_known(snap: Mapping[str, Any]) -> bool:
@@ -341,9 +352,9 @@ class HeartbeatJudge:
 
     def _rows(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any], *,
               received_at: float, skew: float | None, text: str | None) -> Rows:
-        row = {name: snap[name] for name in REQUIRED_COLUMNS}
-        for name in OPTIONAL_COLUMNS:
-            row[name] = snap.get(name)
+        row = dict(zip(REQUIRED_COLUMNS, _REQUIRED(snap), strict=True))
+        get = snap.get
+        row.update({name: get(name) for name in OPTIONAL_COLUMNS})
         if "gpu_vram_known" not in snap:
             row["gpu_vram_known"] = legacy_vram_known(snap)
         row["first_seen"] = memory.first_seen
@@ -351,7 +362,7 @@ class HeartbeatJudge:
         row["restarts"] = memory.restarts
         row["missed"] = memory.missed
         row["past_boot_ids"] = memory.past_json
-        row["missed_seqs"] = json.dumps(memory.missed_seqs)
+        row["missed_seqs"] = _seqs_json(memory.missed_seqs)
         row["clock_skew_seconds"] = skew
         row["snapshot"] = snap if text is None else text
         point = self._point(agent_id, memory, snap, received_at)
@@ -361,7 +372,7 @@ class HeartbeatJudge:
     def _point(self, agent_id: str, memory: _AgentMemory, snap: Mapping[str, Any],
                received_at: float) -> dict[str, Any]:
         """The history point of an accepted heartbeat, in the agent's next ring slot."""
-        point = {name: snap[name] for name in HISTORY_METRICS}
+        point = dict(zip(HISTORY_METRICS, _HISTORY(snap), strict=True))
         point["agent_id"] = agent_id
         point["slot"] = memory.history_count % self.history_points
         point["received_at"] = received_at
@@ -380,7 +391,7 @@ class HeartbeatJudge:
                       agent_id, snap["seq"], memory.seq.seq)
         point = self._point(agent_id, memory, snap, now)
         row = {"agent_id": agent_id, "missed": memory.missed,
-               "missed_seqs": json.dumps(memory.missed_seqs),
+               "missed_seqs": _seqs_json(memory.missed_seqs),
                "history_count": memory.history_count}
         return Outcome(ACCEPTED, LATE, Rows(row, point, late=True))
 
