@@ -7,9 +7,19 @@ agents send them (Celery ``send_task("chiffon.heartbeat", args=[snapshot])``, JS
 ``expires`` set). Then one :class:`HeartbeatConsumer` drains the queue; the clock runs
 from the consumer's start to the moment every message is judged, committed and acked.
 
-The run also times where the consumer's time goes (JSON decode, validation, sequencing,
-batch preparation, registry SQL, acks; the rest is the broker client: socket reads, AMQP
-frame and header parsing, kombu messages). Target: >= 5,000 heartbeats/s.
+The run also times where the consumer's time goes, by wrapping the functions its pipeline
+calls (see :func:`timed_steps` and :func:`breakdown`): per message ``HeartbeatJudge.check``
+(JSON decode, validation, the rest of the check); per batch ``BatchWriter.commit`` in the
+registry's ingest turn (taking the turn, reading the batch's agents and loading them into
+the judge, sequencing and rows, batch preparation, registry SQL, the rest of the
+transaction), then the acks; the rest is the broker client (socket reads, AMQP frame and
+header parsing, kombu messages, the consumer loop). Target: >= 5,000 heartbeats/s.
+
+With the postgresql backend, each repeat also times ``--orchestrators`` (default 1,2)
+orchestrator processes draining one queue, filled by the same publishers, into one fresh
+registry (``bench/ingest_shared.py``; counts rotate per repeat), checks the registry's
+books (every heartbeat accepted exactly once) and reports N=2 over N=1 (min/median/max;
+target >= 1.5x at the median).
 
 Then, without broker or database, the per-heartbeat cost of the two CPU-bound steps, in
 microseconds, for this tree ("after") and for ``--baseline-rev`` ("before", the last
@@ -18,16 +28,27 @@ commit with the hand-written validator, extracted with ``git archive``), each me
 ``validate_snapshot`` on realistic decoded snapshots, and the judge step (one raw Celery
 heartbeat message -> decode, validate, sequence, rows queued for the writer).
 
-Writes ``bench/results/ingest.json``; ``--compare-with`` embeds the throughput of an
-earlier report (e.g. one taken before a change) for a side-by-side view.
+Peers, measured in the same run and alternating with the consumer in every repeat (the
+order rotates from one repeat to the next, so the machine's noise hits all three alike;
+see ``bench/ingest_peers.py``): the kombu floor (a bare kombu consumer that only acks, on a
+queue filled by the same publishers with the same heartbeats) and Celery's event state
+(what Flower runs: ``app.events.Receiver`` into ``app.events.State()``, fed the same number
+of ``worker-heartbeat`` events from ``--agents`` hostnames, on a private vhost). Target:
+ours >= 0.8x the kombu floor and ahead of Celery's event state (medians over ``--repeat``).
+``--no-peers`` skips them.
+
+Writes ``--output`` (default ``bench/results/ingest.json``); ``--compare-with`` embeds the
+throughput of an earlier report (e.g. one taken before a change) for a side-by-side view.
 
     python bench/ingest.py [--messages 50000] [--agents 10000] [--backends sqlite,postgresql]
+                           [--orchestrators 1,2] [--repeat 3]
     python bench/ingest.py --backends "" --validation-runs 5   # only the per-heartbeat costs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,17 +58,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kombu import Connection
-from sqlalchemy import create_engine, text
+from kombu.connection import Connection
 
 # chiffon_worker is imported inside the functions that use it: a --measure-steps child
 # must first put the tree it measures (the baseline's or this one) on sys.path.
@@ -66,6 +85,10 @@ TIMEOUT_SECONDS = 900.0  # the heartbeats' own timeout and message expiry: outli
 BASELINE_REV = "ef93ee3"
 STEP_AGENTS = 2000  # distinct agents in the per-heartbeat measure
 STEP_SEQS = 5  # heartbeats per agent there (all accepted: seq 1..5)
+#: ours / kombu floor (heartbeats/s over messages/s) the issue asks for, at the median.
+KOMBU_FLOOR_RATIO = 0.8
+#: What one repeat measures, in the order of the first repeat (later ones rotate it).
+MEASURES = ("ours", "kombu_floor", "celery_event_state")
 
 
 # -- the publisher process -------------------------------------------------------------------
@@ -138,8 +161,9 @@ class Timers:
         self.seconds: dict[str, float] = {}
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` timed into ``seconds[name]`` (several functions may share a name)."""
         clock = time.perf_counter
-        self.seconds[name] = 0.0
+        self.seconds.setdefault(name, 0.0)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = clock()
@@ -150,67 +174,129 @@ class Timers:
 
         return timed
 
+    def reset(self) -> None:
+        """Zero every step (what ran before the clock started does not count)."""
+        for name in self.seconds:
+            self.seconds[name] = 0.0
+
+
+def timed_steps() -> list[tuple[Any, str, str]]:
+    """(owner, attribute, step) for each function of the consumer's pipeline that is timed.
+
+    Per message, in ``HeartbeatConsumer._on_message``: ``HeartbeatJudge.check`` (stateless),
+    which calls ``decoding.decode_heartbeat`` and ``judge.validate_snapshot``. Per batch,
+    in ``HeartbeatConsumer._flush``: ``BatchWriter.commit`` (then the acks), which inside
+    ``Registry.ingest_turn`` takes the turn (``Registry._take_turn``), reads the batch's
+    agents (``IngestTurn.agents``) into the judge (``reload``/``remember``), sequences each
+    heartbeat (``HeartbeatJudge.sequence``) into the writer (``keep``, ``take_batch``) and
+    writes the rows (``Registry._write_rows``, through ``IngestTurn.write``).
+    """
+    from chiffon_worker.orchestrator import decoding, judge
+    from chiffon_worker.orchestrator.batch_writer import BatchWriter
+    from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
+    from chiffon_worker.orchestrator.judge import HeartbeatJudge
+    from chiffon_worker.orchestrator.registry import IngestTurn, Registry
+
+    return [(decoding, "decode_heartbeat", "json_decode"),
+            (judge, "validate_snapshot", "validation"),
+            (HeartbeatJudge, "check", "check_total"),
+            (HeartbeatJudge, "sequence", "sequencing_and_rows"),
+            (HeartbeatJudge, "reload", "state_reload"),
+            (HeartbeatJudge, "remember", "state_reload"),
+            (IngestTurn, "agents", "state_reads"),
+            (BatchWriter, "keep", "batch_preparation"),
+            (BatchWriter, "take_batch", "batch_preparation"),
+            (Registry, "_write_rows", "sql"),
+            (Registry, "_take_turn", "turn_take"),
+            (BatchWriter, "commit", "commit_total"),
+            (HeartbeatConsumer, "_flush", "flush_total")]
+
+
+@contextlib.contextmanager
+def patched_timers(timers: Timers, steps: list[tuple[Any, str, str]]) -> Iterator[list[str]]:
+    """``steps`` wrapped into ``timers`` for the block, restored after; yields the steps
+    that could not be timed (their function is gone: the pipeline changed)."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in steps
+                 if hasattr(owner, name)]
+    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in steps
+               if not hasattr(owner, name)]
+    for owner, name, label in steps:
+        timers.seconds.setdefault(label, 0.0)
+        if hasattr(owner, name):
+            setattr(owner, name, timers.wrap(label, getattr(owner, name)))
+    try:
+        yield missing
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)
+
+
+#: The steps of the breakdown, each a part of the run that no other step includes.
+BREAKDOWN_STEPS = ("json_decode", "validation", "checking_other", "state_reads",
+                   "state_reload", "sequencing_and_rows", "batch_preparation", "sql",
+                   "turn_take", "transaction_other", "acks", "broker_client")
+
+
+def breakdown(seconds: dict[str, float], elapsed: float) -> dict[str, float]:
+    """Seconds per disjoint step of the run (``elapsed`` seconds) from the timers' totals.
+
+    ``checking_other``: the rest of ``check`` (expiry header, storability, the result);
+    ``transaction_other``: the rest of ``commit`` (connection, BEGIN, COMMIT, bookkeeping);
+    ``acks``: the rest of ``_flush``; ``broker_client``: everything else (socket reads,
+    AMQP frame and header parsing, kombu messages, the consumer loop).
+    """
+    inside_commit = ("state_reads", "state_reload", "sequencing_and_rows",
+                     "batch_preparation", "sql", "turn_take")
+    parts = {name: seconds[name] for name in
+             ("json_decode", "validation", *inside_commit)}
+    parts["checking_other"] = (seconds["check_total"] - seconds["json_decode"]
+                               - seconds["validation"])
+    parts["transaction_other"] = seconds["commit_total"] - sum(seconds[n] for n in inside_commit)
+    parts["acks"] = seconds["flush_total"] - seconds["commit_total"]
+    parts["broker_client"] = elapsed - sum(parts.values())
+    return {name: parts[name] for name in BREAKDOWN_STEPS}
+
 
 def drain(registry: Registry, queue: str, messages: int, *, batch_size: int, prefetch: int
           ) -> dict[str, Any]:
-    """Consume ``messages`` from ``queue`` into ``registry``; returns the measurements."""
-    from chiffon_worker.orchestrator import decoding, judge
+    """Consume ``messages`` from ``queue`` into ``registry``; returns the measurements.
+
+    The clock stops after the flush (commit, then ack) once every message is judged and
+    nothing is left to commit; the step timers are read at that moment.
+    """
     from chiffon_worker.orchestrator.batch_writer import BatchWriter
     from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
     from chiffon_worker.orchestrator.ingest_counters import IngestStats
     from chiffon_worker.orchestrator.judge import HeartbeatJudge
 
     timers = Timers()
-    patched = [(decoding, "decode_heartbeat", "json_decode"),
-               (judge, "validate_snapshot", "validation"),
-               (HeartbeatJudge, "_sequence", "sequencing_and_rows"),
-               (HeartbeatJudge, "judge_message", "judging_total"),
-               (BatchWriter, "take_batch", "batch_preparation"),
-               (registry, "write_batch", "sql"),
-               (HeartbeatConsumer, "_flush", "flush_total")]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
-    for owner, name, label in patched:
-        setattr(owner, name, timers.wrap(label, getattr(owner, name)))
-    try:
+    finished: dict[str, Any] = {}
+    with patched_timers(timers, timed_steps()) as untimed:
         stats = IngestStats()
         writer = BatchWriter(registry, stats=stats)
         consumer = HeartbeatConsumer(
             BROKER, HeartbeatJudge(registry.agents(), history_points=registry.history_points,
                                    stats=stats),
             writer, queue=queue, batch_size=batch_size, prefetch_count=prefetch)
-        finished: dict[str, float] = {}
+        flush = HeartbeatConsumer._flush  # timed: outside it, no timed step is running
 
-        def watch() -> None:
-            while not consumer.stopping:
-                judged = stats.accepted + stats.rejected_total + stats.ignored_total
-                if judged >= messages and writer.pending == 0:
-                    finished["at"] = time.perf_counter()
-                    consumer.stop()
-                    return
-                time.sleep(0.002)
+        def flush_and_check(self: HeartbeatConsumer) -> None:
+            flush(self)
+            judged = stats.accepted + stats.rejected_total + stats.ignored_total
+            if "at" not in finished and judged >= messages and writer.pending == 0:
+                finished["at"] = time.perf_counter()
+                finished["seconds"] = dict(timers.seconds)
+                consumer.stop()
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        started = time.perf_counter()
-        watcher.start()
-        consumer.run()
-        watcher.join()
-        elapsed = finished["at"] - started
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-    seconds = timers.seconds
-    judging_other = (seconds["judging_total"] - seconds["json_decode"] - seconds["validation"]
-                     - seconds["sequencing_and_rows"])
-    breakdown = {
-        "json_decode": seconds["json_decode"],
-        "validation": seconds["validation"],
-        "sequencing_and_rows": seconds["sequencing_and_rows"],
-        "judging_other": judging_other,
-        "batch_preparation": seconds["batch_preparation"],
-        "sql": seconds["sql"],
-        "acks": seconds["flush_total"] - seconds["sql"] - seconds["batch_preparation"],
-    }
-    breakdown["broker_client"] = elapsed - sum(breakdown.values())
+        HeartbeatConsumer._flush = flush_and_check  # type: ignore[method-assign]
+        try:
+            timers.reset()
+            started = time.perf_counter()
+            consumer.run()
+        finally:
+            HeartbeatConsumer._flush = flush  # type: ignore[method-assign]
+    elapsed = finished["at"] - started
+    parts = breakdown(finished["seconds"], elapsed)
     return {
         "seconds": round(elapsed, 3),
         "heartbeats_per_second": round(messages / elapsed, 1),
@@ -218,9 +304,10 @@ def drain(registry: Registry, queue: str, messages: int, *, batch_size: int, pre
         "rejected": stats.rejected_total,
         "ignored": stats.ignored_total,
         "batches": stats.batches,
-        "time_breakdown_seconds": {k: round(v, 3) for k, v in breakdown.items()},
+        "untimed_steps": untimed,
+        "time_breakdown_seconds": {k: round(v, 3) for k, v in parts.items()},
         "time_breakdown_us_per_heartbeat": {k: round(v / messages * 1e6, 1)
-                                            for k, v in breakdown.items()},
+                                            for k, v in parts.items()},
     }
 
 
@@ -262,13 +349,167 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         delete_queue(queue)
         if backend == "postgresql":
-            engine = create_engine(POSTGRES)
-            with engine.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            engine.dispose()
+            from bench.ingest_shared import drop_schema
+
+            drop_schema(POSTGRES, schema)
         for path in Path(workdir).glob("*"):
             path.unlink()
         os.rmdir(workdir)
+
+
+# -- the peers: kombu floor and Celery's event state, alternating with ours -----------------
+
+@contextlib.contextmanager
+def event_vhost(wanted: bool) -> Iterator[str | None]:
+    """The broker URL of a private vhost for the Celery event peer (deleted afterwards;
+    other programs may send Celery events on the default vhost), or None if not ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    from tests.orchestrator_process import private_vhost
+
+    with private_vhost(BROKER) as url:
+        yield url
+
+
+def repeat_order(index: int, peers: bool) -> list[str]:
+    """What repeat ``index`` (from 0) measures, in order: ``MEASURES`` rotated by ``index``."""
+    if not peers:
+        return ["ours"]
+    shift = index % len(MEASURES)
+    return list(MEASURES[shift:] + MEASURES[:shift])
+
+
+def measure_kombu_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The kombu floor on a fresh queue filled by :func:`fill_queue` (messages/s)."""
+    from bench.ingest_peers import bench_queue_name, run_kombu_floor
+    from chiffon_worker.wire import heartbeat_queue
+
+    def fill(queue: str) -> float:
+        return fill_queue(queue, args.messages, args.agents, args.publishers,
+                          args.short_argsrepr)
+
+    return run_kombu_floor(BROKER, heartbeat_queue(bench_queue_name()), fill, args.messages,
+                           batch_size=args.batch_size, prefetch=args.prefetch)
+
+
+def measure_celery_state(args: argparse.Namespace, event_broker: str) -> dict[str, Any]:
+    """Celery's event state fed ``--messages`` heartbeat events (events/s)."""
+    from bench.ingest_peers import celery_event_state
+
+    return celery_event_state(event_broker, args.messages, args.agents, args.publishers)
+
+
+def one_repeat(backend: str, args: argparse.Namespace, event_broker: str | None,
+               index: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Repeat ``index``: ours (heartbeats/s) and, with ``event_broker``, both peers, in
+    :func:`repeat_order`. Returns (ours, the peers' row or None)."""
+    order = repeat_order(index, event_broker is not None)
+    measured: dict[str, dict[str, Any]] = {}
+    for what in order:
+        if what == "ours":
+            measured[what] = run_backend(backend, args)
+        elif what == "kombu_floor":
+            measured[what] = measure_kombu_floor(args)
+        elif event_broker is not None:
+            measured[what] = measure_celery_state(args, event_broker)
+    ours = measured["ours"]
+    if event_broker is None:
+        return ours, None
+    hb = ours["heartbeats_per_second"]
+    floor = measured["kombu_floor"]["messages_per_second"]
+    events = measured["celery_event_state"]["events_per_second"]
+    row = {"repeat": index + 1, "order": order, "ours_heartbeats_per_second": hb,
+           "kombu_floor_messages_per_second": floor,
+           "celery_event_state_events_per_second": events,
+           "ours_over_kombu_floor": round(hb / floor, 3),
+           "ours_over_celery_event_state": round(hb / events, 3),
+           "kombu_floor": measured["kombu_floor"],
+           "celery_event_state": measured["celery_event_state"]}
+    print(f"{backend} repeat {index + 1}/{args.repeat}: ours {hb:.0f} heartbeats/s, "
+          f"kombu floor {floor:.0f} msgs/s (ours x{row['ours_over_kombu_floor']:.2f}), "
+          f"celery event state {events:.0f} events/s "
+          f"(ours x{row['ours_over_celery_event_state']:.2f}); order {', '.join(order)}",
+          file=sys.stderr)
+    return ours, row
+
+
+def peers_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """min / median / max over the repeats of each rate (per second) and ratio, and whether
+    the targets are met at the median (``*_every_repeat``: at the worst repeat too)."""
+    from bench.ingest_peers import spread
+
+    def column(key: str) -> list[float]:
+        return [float(row[key]) for row in rows]
+
+    kombu_ratio = column("ours_over_kombu_floor")
+    celery_ratio = column("ours_over_celery_event_state")
+    return {
+        "ours_heartbeats_per_second": spread(column("ours_heartbeats_per_second")),
+        "kombu_floor_messages_per_second": spread(column("kombu_floor_messages_per_second")),
+        "celery_event_state_events_per_second":
+            spread(column("celery_event_state_events_per_second")),
+        "ours_over_kombu_floor": spread(kombu_ratio, 3),
+        "ours_over_celery_event_state": spread(celery_ratio, 3),
+        "meets_kombu_ratio_0_8": statistics.median(kombu_ratio) >= KOMBU_FLOOR_RATIO,
+        "ahead_of_celery_state": statistics.median(celery_ratio) > 1.0,
+        "meets_kombu_ratio_0_8_every_repeat": min(kombu_ratio) >= KOMBU_FLOOR_RATIO,
+        "ahead_of_celery_state_every_repeat": min(celery_ratio) > 1.0,
+    }
+
+
+PEERS_WHAT = (
+    "Same run, alternating per repeat (order rotates). ours: HeartbeatConsumer + registry, "
+    "heartbeats/s. kombu_floor: a bare kombu Consumer (same prefetch_count, no_ack=False, "
+    "no socket tuning, drain_events without timeout) on a queue filled by the same "
+    "publishers with the same heartbeats, doing nothing but ack (multiple=True every "
+    "batch_size messages and at the end), messages/s from connect to last ack. "
+    "celery_event_state: the same number of Celery worker-heartbeat events from --agents "
+    "hostnames sent by an app's EventDispatcher, consumed by app.events.Receiver "
+    "(handlers={'*': state.event}, as Flower) into app.events.State(), events/s from "
+    "connect until State processed the last one; on a private vhost; the receiver queue is "
+    "not exclusive and has no TTL so it can be filled first. Booleans: at the median ratio.")
+
+
+# -- several orchestrators on one queue and one PostgreSQL registry ---------------------------
+
+def measure_orchestrators(count: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``count`` orchestrator processes draining one queue filled by :func:`fill_queue`
+    into one fresh PostgreSQL registry (heartbeats/s; see ``bench/ingest_shared.py``)."""
+    from bench.ingest_peers import bench_queue_name
+    from bench.ingest_shared import run_orchestrators
+    from chiffon_worker.wire import heartbeat_queue
+
+    def fill(queue: str) -> float:
+        return fill_queue(queue, args.messages, args.agents, args.publishers,
+                          args.short_argsrepr)
+
+    return run_orchestrators(count, broker=BROKER, postgres=POSTGRES,
+                             declaration=heartbeat_queue(bench_queue_name()), fill=fill,
+                             messages=args.messages, agents=args.agents,
+                             batch_size=args.batch_size, prefetch=args.prefetch)
+
+
+def orchestrators_repeat(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """Repeat ``index`` of the orchestrator counts (``--orchestrators``, rotating order)."""
+    from bench.ingest_shared import order_of, repeat_row
+
+    order = order_of(args.orchestrators, index)
+    runs = {count: measure_orchestrators(count, args) for count in order}
+    row = repeat_row(index, order, runs)
+    rates = ", ".join(f"{n}: {rate:.0f}" for n, rate in row["heartbeats_per_second"].items())
+    print(f"postgresql repeat {index + 1}/{args.repeat}: orchestrators {rates} heartbeats/s, "
+          f"{row['ratios']}, books match {row['books_match']}; order {order}",
+          file=sys.stderr)
+    return row
+
+
+def parse_counts(value: str) -> list[int]:
+    """``--orchestrators``: comma-separated process counts ("" for none)."""
+    counts = [int(part) for part in value.split(",") if part.strip()]
+    if any(count < 1 for count in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError("distinct counts of at least 1, e.g. 1,2")
+    return counts
 
 
 # -- the per-heartbeat cost of validation and judging (no broker, no database) ---------------
@@ -305,7 +546,7 @@ def _judge_step() -> tuple[Callable[[bytes, dict[str, Any], float], Any], Callab
         from chiffon_worker.orchestrator.batch_writer import BatchWriter
         from chiffon_worker.orchestrator.judge import HeartbeatJudge
     except ImportError:  # the baseline
-        from chiffon_worker.orchestrator.ingest import Ingestor
+        from chiffon_worker.orchestrator.ingest import Ingestor  # type: ignore[import-not-found]
 
         ingestor = Ingestor(registry)
 
@@ -430,8 +671,16 @@ def main() -> None:
     parser.add_argument("--short-argsrepr", action="store_true",
                         help="publish with argsrepr='(snapshot,)' instead of Celery's repr of "
                              "the snapshot (a smaller header table to decode)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per backend (best kept)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "ingest.json")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per backend (best kept in 'results'; every one in 'peers')")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the kombu floor and Celery event state peers")
+    parser.add_argument("--orchestrators", type=parse_counts, default=[1, 2],
+                        metavar="N,N", help="orchestrator process counts draining one queue "
+                        "into one PostgreSQL registry, per repeat of the postgresql backend "
+                        "('' to skip; default: 1,2)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "ingest.json",
+                        help="where to write the report (default: %(default)s)")
     parser.add_argument("--validation-runs", type=int, default=3,
                         help="before/after runs of the per-heartbeat measure (0: skip it)")
     parser.add_argument("--baseline-rev", default=BASELINE_REV,
@@ -455,21 +704,36 @@ def main() -> None:
         raise SystemExit("--messages must be a multiple of --agents")
     if args.compare_with and not args.compare_with.is_file():
         raise SystemExit(f"--compare-with {args.compare_with}: no such report")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+    backends = list(filter(None, args.backends.split(",")))
     results = []
-    for backend in filter(None, args.backends.split(",")):
-        runs = [run_backend(backend, args) for _ in range(args.repeat)]
-        best = max(runs, key=lambda r: r["heartbeats_per_second"])
-        best["all_runs_heartbeats_per_second"] = [r["heartbeats_per_second"] for r in runs]
-        results.append(best)
-        print(f"{backend}: {best['heartbeats_per_second']:.0f} heartbeats/s "
-              f"({args.messages} in {best['seconds']:.2f} s; runs "
-              f"{best['all_runs_heartbeats_per_second']})", file=sys.stderr)
+    peers: dict[str, Any] = {}
+    shared_rows: list[dict[str, Any]] = []
+    with event_vhost(bool(backends) and not args.no_peers) as event_broker:
+        for backend in backends:
+            runs, rows = [], []
+            for index in range(args.repeat):
+                ours, row = one_repeat(backend, args, event_broker, index)
+                runs.append(ours)
+                if row is not None:
+                    rows.append(row)
+                if backend == "postgresql" and args.orchestrators:
+                    shared_rows.append(orchestrators_repeat(args, index))
+            best = max(runs, key=lambda r: r["heartbeats_per_second"])
+            best["all_runs_heartbeats_per_second"] = [r["heartbeats_per_second"] for r in runs]
+            results.append(best)
+            print(f"{backend}: {best['heartbeats_per_second']:.0f} heartbeats/s "
+                  f"({args.messages} in {best['seconds']:.2f} s; runs "
+                  f"{best['all_runs_heartbeats_per_second']})", file=sys.stderr)
+            if rows:
+                peers[backend] = {"repeats": rows, "summary": peers_summary(rows)}
     import celery
     import kombu
     import psycopg
     import sqlalchemy
 
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "heartbeat ingest: RabbitMQ queue -> HeartbeatConsumer -> registry",
         "target_heartbeats_per_second": TARGET_PER_SECOND,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -479,9 +743,19 @@ def main() -> None:
                     "psycopg": psycopg.__version__},
         "settings": {"batch_size": args.batch_size, "prefetch_count": args.prefetch,
                      "short_argsrepr": args.short_argsrepr,
-                     "publishers": args.publishers, "repeat": args.repeat},
+                     "publishers": args.publishers, "repeat": args.repeat,
+                     "orchestrators": args.orchestrators},
         "results": results,
     }
+    if peers:
+        report["peers"] = {"what": PEERS_WHAT, "target_ours_over_kombu_floor": KOMBU_FLOOR_RATIO,
+                           "backends": peers}
+    if shared_rows:
+        from bench.ingest_shared import summary, what
+
+        report["orchestrators"] = {**what(os.cpu_count()), "counts": args.orchestrators,
+                                   "summary": summary(shared_rows), "repeats": shared_rows}
+        print(f"orchestrators: {report['orchestrators']['summary']['ratios']}", file=sys.stderr)
     if args.compare_with:
         report["throughput_before"] = _throughput(args.compare_with)
     if args.validation_runs > 0:

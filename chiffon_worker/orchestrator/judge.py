@@ -60,14 +60,24 @@ REJECTED = "rejected"
 IGNORED = "ignored"
 #: The reason of an accepted heartbeat that arrived after a newer one and fills its gap.
 LATE = "late"
-#: Sequence numbers counted missed that are remembered per agent, newest last, so that
-#: their heartbeats, arriving late, can take them back.
+#: How far back (in sequence numbers) an agent's not-received numbers are remembered, so
+#: that their heartbeats, arriving late, are recognised: positive numbers were counted
+#: in ``missed``; negative ones, ``-n``, came before the first heartbeat seen of a
+#: process that had sent at most :data:`FIRST_SEQS_AWAITED` (its first heartbeats,
+#: overtaken: one orchestrator would have seen them first), and are not counted.
 MAX_MISSED_SEQS = 64
+FIRST_SEQS_AWAITED = 8
 
 
 #: The required columns' and the history metrics' values of a snapshot, in column order.
 _REQUIRED = operator.itemgetter(*REQUIRED_COLUMNS)
 _HISTORY = operator.itemgetter(*HISTORY_METRICS)
+
+
+def _await_first_seqs(memory: _AgentMemory, seq: int) -> None:
+    """A process's first heartbeat seen is ``seq``: remember its earlier ones (when at most
+    :data:`FIRST_SEQS_AWAITED`) as awaited, not missed."""
+    memory.missed_seqs = [-n for n in range(1, seq)] if seq <= FIRST_SEQS_AWAITED else []
 
 
 def _seqs_json(seqs: list[int]) -> str:
@@ -269,7 +279,7 @@ class HeartbeatJudge:
         if memory is not None and prev is not None \
                 and verdict.verdict is liveness.Verdict.OUT_OF_ORDER \
                 and (boot_id, started_at) == (prev.boot_id, prev.started_at) \
-                and seq in memory.missed_seqs:
+                and (seq in memory.missed_seqs or -seq in memory.missed_seqs):
             return self._late(agent_id, memory, snap, received_at)
         if verdict.verdict is liveness.Verdict.STALE_BOOT and memory is not None \
                 and not redelivered:
@@ -300,10 +310,14 @@ class HeartbeatJudge:
                                   last_received=received_at,
                                   interval=float(snap["heartbeat_interval_seconds"]))
             self._agents[agent_id] = memory
+            _await_first_seqs(memory, seq)
             log.debug("new agent %s (%s, pool %s)", agent_id, snap["hostname"], snap["pool"])
         else:
             before, memory.seq = memory.seq, new_seq
             self._note_sequence(memory, verdict, before, snap, received_at)
+            if memory.missed_seqs:  # forget what is too old to come
+                memory.missed_seqs = [n for n in memory.missed_seqs
+                                      if abs(n) > seq - MAX_MISSED_SEQS]
         memory.hostname = snap["hostname"]
         memory.last_received = received_at
         memory.interval = float(snap["heartbeat_interval_seconds"])
@@ -318,7 +332,7 @@ class HeartbeatJudge:
         heartbeat; ``memory.seq`` already holds the new one)."""
         agent_id, seq = snap["agent_id"], snap["seq"]
         if verdict.verdict is liveness.Verdict.RESTART:
-            memory.missed_seqs = []
+            _await_first_seqs(memory, seq)
             memory.restarts += 1
             self.stats.restarts += 1
             memory.past_json = json.dumps(list(memory.seq.past_boot_ids))
@@ -383,8 +397,12 @@ class HeartbeatJudge:
               now: float) -> Outcome:
         """A heartbeat whose number was counted missed arrived after all: a history point,
         one fewer missed; the agent's row keeps its newer snapshot."""
-        memory.missed_seqs.remove(snap["seq"])
-        memory.missed -= 1
+        seq = snap["seq"]
+        if seq in memory.missed_seqs:
+            memory.missed_seqs.remove(seq)
+            memory.missed -= 1
+        else:  # one of a process's first heartbeats: never counted missed
+            memory.missed_seqs.remove(-seq)
         self.stats.accepted += 1
         self.stats.late += 1
         self._log.log(logging.DEBUG, "late", now, "agent %s: seq %d arrived late (after %d)",

@@ -477,8 +477,11 @@ class Registry:
                    .values(generation=turns.c.generation + 1, writer=writer)
                    .returning(turns.c.generation))
         generation = conn.execute(advance).scalar()
-        if generation is None:
-            self._upsert(conn, turns, ("id",), [{"id": 1, "generation": 0, "writer": writer}])
+        if generation is None:  # the first turn: make the row (another writer may too)
+            dialect_insert = (postgresql.insert if self.dialect == "postgresql"
+                              else sqlite.insert)
+            conn.execute(dialect_insert(turns).values(id=1, generation=0, writer=writer)
+                         .on_conflict_do_nothing(index_elements=["id"]))
             generation = conn.execute(advance).scalar()
         return int(generation or 0)
 

@@ -256,3 +256,22 @@ def fresh_now(request: pytest.FixtureRequest) -> None:
     suite before them ran longer than their timeout."""
     if hasattr(request.module, "NOW"):
         request.module.NOW = time.time()
+
+
+def _closing(factory: RegistryFactory) -> Iterator[RegistryFactory]:
+    yield factory
+    for registry in factory.opened:
+        registry.close()
+
+
+@pytest.fixture
+def on_postgresql(pg_schema: str) -> Iterator[RegistryFactory]:
+    """Registries (several connections) on one PostgreSQL schema."""
+    yield from _closing(RegistryFactory("postgresql", POSTGRES_URL, pg_schema))
+
+
+@pytest.fixture
+def on_sqlite(tmp_path: Path) -> Iterator[RegistryFactory]:
+    """Registries on one SQLite file."""
+    yield from _closing(RegistryFactory("sqlite", f"sqlite:///{tmp_path / 'reg.sqlite3'}",
+                                        None))

@@ -109,13 +109,14 @@ def test_rejections_are_logged_once_per_message_but_rate_limited(
 
 def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Feeder) -> None:
     now = time.time()
-    assert judge(ingestor, task_body(make_snapshot(seq=5)), received_at=now)[0] == "accepted"
-    assert judge(ingestor, task_body(make_snapshot(seq=5))) == ("ignored", "duplicate")
-    assert judge(ingestor, task_body(make_snapshot(seq=3))) == ("ignored", "out_of_order")
-    assert judge(ingestor, task_body(make_snapshot(seq=4)), redelivered=True) == (
+    # first seen at seq 15: well into its life, so no earlier heartbeat is awaited
+    assert judge(ingestor, task_body(make_snapshot(seq=15)), received_at=now)[0] == "accepted"
+    assert judge(ingestor, task_body(make_snapshot(seq=15))) == ("ignored", "duplicate")
+    assert judge(ingestor, task_body(make_snapshot(seq=13))) == ("ignored", "out_of_order")
+    assert judge(ingestor, task_body(make_snapshot(seq=14)), redelivered=True) == (
         "ignored", "redelivered")
     expired = {**TASK, "expires": "2020-01-01T00:00:00+00:00"}
-    assert judge(ingestor, task_body(make_snapshot(seq=6)), expired) == ("ignored", "expired")
+    assert judge(ingestor, task_body(make_snapshot(seq=16)), expired) == ("ignored", "expired")
     assert ingestor.stats.accepted == 1
     assert sum(ingestor.stats.ignored.values()) == 4
 

@@ -4,35 +4,13 @@ others wait), one orchestrator per file on SQLite."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from chiffon_worker.orchestrator.leadership import Leadership, RegistryInUse
 from chiffon_worker.wire import HEARTBEAT_QUEUE
-from tests.conftest import POSTGRES_URL
 
 from .conftest import RegistryFactory
-
-
-def _closing(factory: RegistryFactory) -> Iterator[RegistryFactory]:
-    yield factory
-    for registry in factory.opened:
-        registry.close()
-
-
-@pytest.fixture
-def on_postgresql(pg_schema: str) -> Iterator[RegistryFactory]:
-    """Registries (several connections) on one PostgreSQL schema."""
-    yield from _closing(RegistryFactory("postgresql", POSTGRES_URL, pg_schema))
-
-
-@pytest.fixture
-def on_sqlite(tmp_path: Path) -> Iterator[RegistryFactory]:
-    """Registries on one SQLite file."""
-    yield from _closing(RegistryFactory("sqlite", f"sqlite:///{tmp_path / 'reg.sqlite3'}",
-                                        None))
 
 
 def test_on_postgresql_a_second_orchestrator_waits_until_the_first_gives_the_lead_up(

@@ -8,10 +8,12 @@ Two consumers are simulated in one process: a judge and a writer each, on one re
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import registry as registry_module
@@ -19,6 +21,7 @@ from chiffon_worker.orchestrator.batch_writer import BatchWriter
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
 from chiffon_worker.orchestrator.judge import LATE, LATE_COLUMNS, Checked, HeartbeatJudge
 from chiffon_worker.orchestrator.registry import Registry
+from tests.waiting import wait_until
 
 from .conftest import RegistryFactory
 from .snapshots import make_snapshot
@@ -160,3 +163,55 @@ def test_forgetting_an_agent_makes_every_orchestrator_forget_it(
 
 def test_the_judge_and_the_registry_agree_on_what_a_late_heartbeat_writes() -> None:
     assert LATE_COLUMNS == registry_module._LATE_COLUMNS
+
+
+def test_an_agents_first_heartbeat_overtaken_by_its_second_is_late_not_lost(
+        registry_factory: RegistryFactory) -> None:
+    registry = registry_factory()
+    first, second = Orchestrator(registry, "first"), Orchestrator(registry, "second")
+    second.batch(2)  # a backlog drained by two: seq 1 is still with the first
+    first.batch(1)
+    assert books(registry) == (2, 0, 0, 2, 2)
+    assert first.stats.late == 1
+
+
+def test_an_agent_first_seen_well_into_its_life_awaits_no_earlier_heartbeat(
+        registry_factory: RegistryFactory) -> None:
+    registry = registry_factory()
+    one = Orchestrator(registry, "one")
+    one.batch(500)  # a new registry, an agent running for hours
+    one.batch(499)
+    assert books(registry) == (500, 0, 0, 1, 1)
+    record = registry.agent("a1", with_snapshot=False)
+    assert record is not None and record.missed_seqs == ()
+
+
+def test_two_writers_taking_the_first_turn_at_once_each_see_the_other(
+        on_postgresql: RegistryFactory) -> None:
+    first, second = on_postgresql(), on_postgresql()
+    generations: dict[str, int] = {}
+    holding = threading.Event()
+    release = threading.Event()
+
+    def take(registry: Registry, name: str) -> None:
+        with registry.ingest_turn(name) as turn:
+            generations[name] = turn.generation
+            if name == "first":
+                holding.set()
+                release.wait(30)
+
+    threads = [threading.Thread(target=take, args=(first, "first"))]
+    threads[0].start()
+    holding.wait(30)
+    threads.append(threading.Thread(target=take, args=(second, "second")))
+    threads[1].start()
+    with first.engine.connect() as conn:  # the second waits on the turn's row lock
+        wait_until(lambda: conn.execute(text(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar(), 30,
+            "the second writer to wait for the turn")
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    with first.ingest_turn("first") as turn:
+        assert turn.generation != generations["first"] + 1, "the second wrote in between"
+    assert sorted(generations.values()) == [1, 2]
