@@ -51,7 +51,9 @@ from chiffon_worker.protocol import validate_snapshot
 from chiffon_worker.signing import SignatureError, verify_snapshot
 
 if TYPE_CHECKING:
-    from chiffon_worker.orchestrator.registry import AgentRecord
+    from chiffon_worker.orchestrator.registry import AgentRecord, SequencingState
+
+    Stored = AgentRecord | SequencingState
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ class _AgentMemory:
         self.missed_seqs = list(missed_seqs)
 
     @classmethod
-    def of(cls, record: AgentRecord) -> _AgentMemory:
+    def of(cls, record: Stored) -> _AgentMemory:
         """What the registry's ``record`` says of an agent."""
         return cls(liveness.SeqState(record.boot_id, record.started_at, record.seq,
                                      record.past_boot_ids),
@@ -198,12 +200,12 @@ class HeartbeatJudge:
         self._agents: dict[str, _AgentMemory] = {}
         self.reload(known)
 
-    def reload(self, records: Iterable[AgentRecord]) -> None:
+    def reload(self, records: Iterable[Stored]) -> None:
         """Forget every agent's state, then take it from ``records`` (the registry's, read
         in the ingest turn: what another orchestrator committed is the truth)."""
         self._agents = {record.agent_id: _AgentMemory.of(record) for record in records}
 
-    def remember(self, records: Iterable[AgentRecord]) -> None:
+    def remember(self, records: Iterable[Stored]) -> None:
         """Take these agents' state from the registry's ``records`` (others are kept)."""
         for record in records:
             self._agents[record.agent_id] = _AgentMemory.of(record)

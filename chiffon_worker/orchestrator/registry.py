@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -836,6 +836,34 @@ _SEEN_WORK_TTL_SECONDS = 86400.0
 _LATE_COLUMNS = ("missed", "missed_seqs", "history_count")
 
 
+class SequencingState(NamedTuple):
+    """What the judge keeps of an agent between heartbeats, as stored (times are unix
+    seconds; the same names as :class:`AgentRecord`'s)."""
+
+    agent_id: str
+    hostname: str
+    first_seen: float
+    last_seen: float
+    boot_id: str
+    started_at: float
+    seq: int
+    restarts: int
+    missed: int
+    missed_seqs: tuple[int, ...]
+    past_boot_ids: tuple[str, ...]
+    history_count: int
+    clock_skew_seconds: float | None
+    heartbeat_interval_seconds: float
+
+    def _decoded(self) -> SequencingState:
+        """This row with its JSON list columns decoded."""
+        missed: Any = self.missed_seqs
+        past: Any = self.past_boot_ids
+        return self._replace(
+            missed_seqs=() if missed in (None, "[]") else tuple(json.loads(missed)),
+            past_boot_ids=() if past == "[]" else tuple(json.loads(past)))
+
+
 class IngestTurn:
     """The ingest turn of one heartbeat batch (:meth:`Registry.ingest_turn`): read the
     agents' state and write the batch's rows on its transaction."""
@@ -846,13 +874,17 @@ class IngestTurn:
         #: the registry's ingest generation after this turn (one per batch or forget)
         self.generation = generation
 
-    def agents(self, agent_ids: Iterable[str]) -> list[AgentRecord]:
-        """The stored records (without snapshots) of those of ``agent_ids`` known."""
+    def agents(self, agent_ids: Iterable[str]) -> list[SequencingState]:
+        """What sequencing needs of those of ``agent_ids`` known (one table, no joins: read
+        while every other orchestrator waits for the turn)."""
         ids = sorted(set(agent_ids))
         if not ids:
             return []
-        query = _agents_query(False).where(sql_schema.agents.c.agent_id.in_(ids))
-        return [_record(row) for row in self._conn.execute(query).mappings()]
+        a = sql_schema.agents
+        query = select(*(a.c[name] for name in SequencingState._fields)).where(
+            a.c.agent_id.in_(ids))
+        return [SequencingState._make(row)._decoded()
+                for row in self._conn.execute(query)]
 
     def write(self, agent_rows: Sequence[Mapping[str, Any]],
               history_rows: Sequence[Mapping[str, Any]],
