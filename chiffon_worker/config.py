@@ -212,6 +212,27 @@ class Config:
     worker_pool: str = setting("threads", "Celery pool for execute_work", check=one_of(*_POOLS))
     worker_concurrency: int = setting(1, "execute_work slots", check=bounded(1, 1024))
     log_level: str = setting("INFO", "log level", check=one_of(*_LOG_LEVELS))
+    # -- the machine's owner: when a desktop someone uses takes pool work ----------------
+    owner_idle_minutes: float = setting(
+        0.0, "take pool work only after no keyboard or mouse input for this long; 0: "
+        "whatever the owner does", unit="min", check=bounded(0, 7 * 24 * 60))
+    work_on_battery: str = setting(
+        "yes", "take pool work while the machine runs on battery: yes or no",
+        check=one_of("yes", "no"))
+    foreign_gpu_memory_below_gb: float = setting(
+        0.0, "take pool work only while other programs' GPU processes (a game) hold less "
+        "GPU memory than this; 0: no such rule", unit="GiB", check=bounded(0, 1 << 20))
+    gpu_temperature_below_c: float = setting(
+        0.0, "take pool work only while the hottest GPU is cooler than this; 0: no such "
+        "rule", unit="degC", check=bounded(0, 150))
+    owner_check_seconds: float = setting(
+        5.0, "how often the owner rules are checked", unit="s", check=bounded(0.2, 3600))
+    dev_root: str = setting(
+        "/dev", "where /dev is (owner input: the access times of input/event*)")
+    wake_broadcast_address: str = setting(
+        "255.255.255.255", "where `chiffon wake` sends Wake-on-LAN packets (the LAN's "
+        "broadcast address)")
+    wake_port: int = setting(9, "UDP port of Wake-on-LAN packets", check=bounded(1, 65535))
     # -- orchestrator side ---------------------------------------------------------------
     heartbeat_secret: str = setting(
         "", "optional HMAC key signing heartbeats; blank: unsigned", secret=True)

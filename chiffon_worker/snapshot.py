@@ -40,6 +40,8 @@ DEVICE_HEALTHS = GPU_HEALTHS[:-1]
 PROCESS_OWNERS = ("agent", "foreign", "unknown")
 #: ``cpu_busy_source`` values: the host's 1-minute load average, or the cgroup's own usage.
 CPU_BUSY_SOURCES = ("load", "cgroup")
+#: ``owner_idle_source`` values: logind's idle hint, or the input devices' access times.
+OWNER_IDLE_SOURCES = ("logind", "input")
 #: ``gpu_probe.state`` values.
 PROBE_STATES = ("ok", "stale", "timeout", "error", "absent")
 
@@ -269,12 +271,34 @@ FIELDS: tuple[Field, ...] = (
     Field("accepting", "metric", BOOL, "whether the agent consumes its pool queue (false: "
           "an operator drained it; it takes no new pool work, its own queue still works)",
           label="accepting", required=False, column=Column("boolean")),
-    Field("accepting_reason", "metric", TEXT, "why accepting is false (drained); null "
+    Field("accepting_reason", "metric", TEXT, "why accepting is false (drained, or the "
+          "owner rules: owner-busy, on-battery, foreign-gpu, gpu-hot, with a detail); null "
           "while accepting", label="accepting reason", nullable=True, required=False,
           column=_ID),
     Field("work_running", "metric", INTEGER, "execute_work requests running now on this "
           "agent (null: not counted, the prefork pool runs work in other processes)",
           label="work running", nullable=True, required=False, column=Column("integer")),
+    # -- the machine's owner (schema-4 registry columns): is someone using this desktop
+    Field("owner_idle_seconds", "metric", NUMBER, "time since the last keyboard or mouse "
+          "input of any local session (null: not known here, e.g. a server without "
+          "logind or readable input devices)", unit="s", label="owner idle", nullable=True,
+          required=False, column=Column("float"),
+          gauge=Gauge("chiffon_agent_owner_idle_seconds",
+                      "seconds since the owner's last keyboard or mouse input")),
+    Field("owner_idle_source", "metric", TEXT, "where owner_idle_seconds came from: "
+          "logind (its IdleSinceHint) or input (access times of /dev/input/event*)",
+          label="idle source", nullable=True, required=False, choices=OWNER_IDLE_SOURCES),
+    Field("on_battery", "metric", BOOL, "running on battery (null: no battery, or not "
+          "known)", label="on battery", nullable=True, required=False,
+          column=Column("boolean")),
+    Field("gpu_temperature_max_c", "metric", NUMBER, "the hottest GPU's temperature (null: "
+          "no GPU tells)", unit="degC", label="gpu temp", nullable=True, required=False,
+          column=Column("float"),
+          gauge=Gauge("chiffon_agent_gpu_temperature_max_celsius",
+                      "the hottest GPU's temperature")),
+    Field("mac_address", "metric", TEXT, "MAC address of the network interface that "
+          "reaches the broker, for Wake-on-LAN (null: not known)", label="mac",
+          nullable=True, required=False, column=_ID),
     Field("signature", "envelope", TEXT, "HMAC-SHA256 of the snapshot when "
           "heartbeat_secret is set", required=False),
 )

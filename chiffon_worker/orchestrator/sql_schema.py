@@ -40,7 +40,9 @@ from chiffon_worker.snapshot import Column as ColumnSpec
 #: 2: GPU health, power, processes and whether free VRAM is known (``agents`` columns
 #: added by :func:`missing_agent_columns`, NULL for agents that have not reported them).
 #: 3: ``accepting``, ``accepting_reason`` and ``work_running`` (drain), added the same
-#: way. 4: ``missed_seqs`` (several orchestrators on one registry), the same way. New
+#: way. 4: ``missed_seqs`` (several orchestrators on one registry), and the owner and
+#: wake columns ``owner_idle_seconds``, ``on_battery``, ``gpu_temperature_max_c``,
+#: ``mac_address``, the same way. New
 #: tables (``chiffon_drains``, ``chiffon_ingest_turns``) need no bump: ``create_all`` adds
 #: them anywhere.
 SCHEMA_VERSION = 4
