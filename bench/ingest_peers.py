@@ -235,7 +235,7 @@ def celery_event_state(broker: str, messages: int, agents: int, publishers: int
     Returns seconds, events per second, and what State holds afterwards.
     """
     app = event_app(broker)
-    state = app.events.State()
+    state = app.events.State(max_workers_in_memory=max(agents, 5000))  # default keeps 5000
     handled = 0
     finished = 0.0
     with app.connection_for_read() as conn:

@@ -296,6 +296,9 @@ FIELDS: tuple[Field, ...] = (
           column=Column("float"),
           gauge=Gauge("chiffon_agent_gpu_temperature_max_celsius",
                       "the hottest GPU's temperature")),
+    Field("asleep", "metric", BOOL, "the machine is suspending: the agent's last heartbeat "
+          "before sleep says so (logind's PrepareForSleep), and its first after waking says "
+          "false", label="asleep", required=False, column=Column("boolean")),
     Field("mac_address", "metric", TEXT, "MAC address of the network interface that "
           "reaches the broker, for Wake-on-LAN (null: not known)", label="mac",
           nullable=True, required=False, column=_ID),

@@ -7,11 +7,15 @@ import time
 from typing import Any
 
 from chiffon_worker.agents.base import BaseAgent
+from chiffon_worker.agents.owner_rules import OwnerFacts
 from chiffon_worker.config import Config
+from chiffon_worker.metrics.battery import Battery
 from chiffon_worker.metrics.cpu import CpuMetrics
 from chiffon_worker.metrics.gpu import GpuMetrics
 from chiffon_worker.metrics.gpu_snapshot import HostMemory, gpu_keys
 from chiffon_worker.metrics.memory import MemoryMetrics
+from chiffon_worker.metrics.network import mac_for_broker
+from chiffon_worker.metrics.owner_activity import OwnerActivity
 from chiffon_worker.protocol import WorkRequest, WorkResult
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,8 @@ STUB_OUTPUT = "Desktop agent phase 4 (metrics only)"
 #: For testing routing, slot occupancy and redelivery end to end.
 SLEEP_WORK_TYPE = "sleep"
 MAX_SLEEP_SECONDS = 600.0
+#: How long the MAC address of the interface reaching the broker is reused (seconds).
+MAC_REFRESH_SECONDS = 600.0
 
 
 class DesktopAgent(BaseAgent):
@@ -32,6 +38,9 @@ class DesktopAgent(BaseAgent):
         self._cpu: CpuMetrics | None = None
         self._memory: MemoryMetrics | None = None
         self._gpu: GpuMetrics | None = None
+        self._owner: OwnerActivity | None = None
+        self._battery = Battery()
+        self._mac: tuple[float, str | None] | None = None  # (when read, monotonic s; MAC)
 
     def _sources(self) -> tuple[CpuMetrics, MemoryMetrics, GpuMetrics]:
         if self._cpu is None or self._memory is None or self._gpu is None:
@@ -53,7 +62,39 @@ class DesktopAgent(BaseAgent):
         metrics.update(memory.sample())
         host = HostMemory(metrics["memory_total_gb"], metrics["memory_available_gb"])
         metrics.update(self._get_gpu_metrics(host))
+        metrics.update(self._owner_keys())
         return metrics
+
+    def _owner_keys(self) -> dict[str, Any]:
+        """``owner_idle_seconds``, ``owner_idle_source``, ``on_battery`` and
+        ``mac_address``: each read bounded, each failing alone (to null)."""
+        reading = self._owner_activity().read(time.time())
+        idle = reading.idle_seconds
+        return {"owner_idle_seconds": None if idle is None else round(idle, 1),
+                "owner_idle_source": reading.source,
+                "on_battery": self._battery.on_battery(),
+                "mac_address": self._mac_address()}
+
+    def owner_facts(self) -> OwnerFacts:
+        """What the owner rules decide on, read now (bounded; GPU figures from the probe's
+        newest sample)."""
+        reading = self._owner_activity().read(time.time())
+        gpu = self._get_gpu_metrics()
+        return OwnerFacts(reading.idle_seconds, self._battery.on_battery(),
+                          gpu["gpu_foreign_memory_gb"], gpu["gpu_temperature_max_c"])
+
+    def _owner_activity(self) -> OwnerActivity:
+        if self._owner is None:
+            self._owner = OwnerActivity(self.config.dev_root)
+        return self._owner
+
+    def _mac_address(self) -> str | None:
+        """The MAC of the interface reaching the broker, looked up once per
+        ``MAC_REFRESH_SECONDS`` (an interface change shows within that)."""
+        now = time.monotonic()
+        if self._mac is None or now - self._mac[0] >= MAC_REFRESH_SECONDS:
+            self._mac = (now, mac_for_broker(self.config.effective_broker_url))
+        return self._mac[1]
 
     def get_agent_capabilities(self) -> dict[str, Any]:
         return {"gpu_compute": False, "inference": False, "training": False}
@@ -87,3 +128,5 @@ class DesktopAgent(BaseAgent):
     def close(self) -> None:
         if self._gpu is not None:
             self._gpu.close()
+        if self._owner is not None:
+            self._owner.close()

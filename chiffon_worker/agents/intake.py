@@ -3,8 +3,11 @@
 The snapshot reports both (``accepting``, ``accepting_reason``, ``work_running``) so the
 orchestrator can tell a draining agent (not accepting, work still running) from a drained
 one (not accepting, nothing running). Reading them costs a lock, never a broker call.
-The worker sets :meth:`WorkIntake.stop` / :meth:`WorkIntake.resume` when it stops or
-resumes consuming the pool queue, and counts ``execute_work`` with :meth:`WorkIntake.running`.
+Two things can hold the pool queue: an operator's drain (:data:`DRAIN`) and the owner
+rules (:data:`OWNER`, ``agents/owner_rules.py``). Each holds with :meth:`WorkIntake.stop`
+and lets go with :meth:`WorkIntake.resume`; the agent consumes its pool queue while
+nothing holds it, and ``accepting_reason`` says why it does not (a drain first). The
+worker counts ``execute_work`` with :meth:`WorkIntake.running`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
+
+#: What may hold the pool queue: an operator's drain, or the owner rules.
+Hold = Literal["drain", "owner"]
+DRAIN: Hold = "drain"
+OWNER: Hold = "owner"
 
 
 class WorkIntake:
@@ -26,13 +34,21 @@ class WorkIntake:
         self._lock = threading.Lock()
         self._counted = counted
         self._running = 0
-        self._reason: str | None = None  # None: accepting
+        self._holds: dict[Hold, str] = {}  # empty: accepting
 
     @property
     def accepting(self) -> bool:
         """Whether the agent consumes its pool queue."""
         with self._lock:
-            return self._reason is None
+            return not self._holds
+
+    def held_by(self, hold: Hold) -> str | None:
+        """The reason ``hold`` holds the pool queue for, or None when it does not."""
+        with self._lock:
+            return self._holds.get(hold)
+
+    def _reason(self) -> str | None:
+        return self._holds.get(DRAIN) or self._holds.get(OWNER)
 
     @property
     def work_running(self) -> int | None:
@@ -40,15 +56,20 @@ class WorkIntake:
         with self._lock:
             return self._running if self._counted else None
 
-    def stop(self, reason: str) -> None:
-        """The agent no longer consumes its pool queue, because of ``reason``."""
+    def stop(self, reason: str, hold: Hold = DRAIN) -> bool:
+        """``hold`` holds the pool queue, because of ``reason``; returns whether the agent
+        was accepting until now (so the caller stops consuming)."""
         with self._lock:
-            self._reason = reason
+            was_accepting = not self._holds
+            self._holds[hold] = reason
+            return was_accepting
 
-    def resume(self) -> None:
-        """The agent consumes its pool queue again."""
+    def resume(self, hold: Hold = DRAIN) -> bool:
+        """``hold`` lets go of the pool queue; returns whether the agent is accepting now
+        (nothing else holds it, so the caller consumes again)."""
         with self._lock:
-            self._reason = None
+            self._holds.pop(hold, None)
+            return not self._holds
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -64,5 +85,5 @@ class WorkIntake:
     def snapshot_keys(self) -> dict[str, Any]:
         """``accepting``, ``accepting_reason`` and ``work_running`` for the snapshot."""
         with self._lock:
-            return {"accepting": self._reason is None, "accepting_reason": self._reason,
+            return {"accepting": not self._holds, "accepting_reason": self._reason(),
                     "work_running": self._running if self._counted else None}

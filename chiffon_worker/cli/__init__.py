@@ -24,6 +24,7 @@ from chiffon_worker.cli.agent_commands import add_agent_commands
 from chiffon_worker.cli.command_types import Handler
 from chiffon_worker.cli.fleet_commands import add_fleet_commands
 from chiffon_worker.cli.submit_command import add_submit_command
+from chiffon_worker.cli.wake_command import add_wake_command
 from chiffon_worker.cli.work_command import add_work_command
 from chiffon_worker.errors import (
     EXIT_CONFIG,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_commands(subcommands)
     add_fleet_commands(subcommands)
     add_agent_admin_commands(subcommands)
+    add_wake_command(subcommands)
     add_submit_command(subcommands)
     add_work_command(subcommands)
     return parser

@@ -100,12 +100,16 @@ TABLE_HEADERS = ("AGENT", "HOST", "POOL", "STATE", "AGE",
 
 def status_row(record: AgentRecord, now: float) -> list[str]:
     """One table row (see ``TABLE_HEADERS``). STATE is the liveness, except that an online
-    agent with a drain request shows ``draining`` or ``drained``."""
+    agent with a drain request shows ``draining`` or ``drained``, and one that takes no
+    pool work for another reason shows it (the owner rules: ``owner-busy (input 12 s
+    ago)``)."""
     state: str = record.liveness(now)
     if state == "conflict" and record.conflict is not None:
         state = f"conflict (also {record.conflict.hostname})"
     elif state == "online":
         state = record.drain_state(now) or state
+        if state == "online" and record.metrics.get("accepting") is False:
+            state = record.metrics.get("accepting_reason") or "not accepting"
     return [record.agent_id, record.hostname, record.pool, state,
             format_age(record.age_seconds(now)),
             *(column.cell(record) for column in METRIC_COLUMNS)]

@@ -123,6 +123,7 @@ _NO_GPU: dict[str, Any] = {
     "gpu_type": "none", "gpu_count": 0, "gpu_health": "none", "gpu_health_reason": None,
     "gpu_power_draw_w": None, "gpu_power_limit_w": None, "gpu_processes": None,
     "gpu_foreign_processes": None, "gpu_foreign_memory_gb": None,
+    "gpu_temperature_max_c": None,
 }
 
 
@@ -149,6 +150,8 @@ def gpu_keys(sample: GpuSample, host: HostMemory | None = None) -> dict[str, Any
         "gpu_power_draw_w": _sum_known([d.power_draw_w for d in devices]),
         "gpu_power_limit_w": _sum_known([d.power_limit_w for d in devices]),
         **process_keys(devices),
+        "gpu_temperature_max_c": max((d.temperature_c for d in devices
+                                      if d.temperature_c is not None), default=None),
         "gpus": [d.to_dict() for d in devices],
         "gpu_probe": _probe_keys(sample),
     }

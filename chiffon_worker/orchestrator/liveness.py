@@ -33,9 +33,10 @@ MAX_PAST_BOOT_IDS = 8
 State = Literal["online", "offline"]
 #: What is known of an agent: ``online`` (a sign of life within its window), ``stopped``
 #: (it announced a clean stop), ``lost`` (no sign of life past the window), ``conflict``
-#: (two live processes claim its id).
-Liveness = Literal["online", "stopped", "lost", "conflict"]
-LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost", "conflict")
+#: (two live processes claim its id), ``asleep`` (its newest heartbeat announced that the
+#: machine suspends; Wake-on-LAN can wake it).
+Liveness = Literal["online", "stopped", "lost", "conflict", "asleep"]
+LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost", "conflict", "asleep")
 
 #: A worker whose Celery events stopped is gone after this many event intervals: Celery's
 #: and Flower's own rule (``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s),
@@ -157,11 +158,15 @@ class SignsOfLife:
 
 
 def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfLife | None,
-                now: float) -> Liveness:
+                now: float, *, asleep: bool = False) -> Liveness:
     """What is known of an agent at ``now`` (unix seconds).
 
     ``last_received_at``/``timeout_seconds``: its newest capacity heartbeat and its own
-    timeout; ``signs``: its Celery worker events, when the orchestrator has seen any.
+    timeout; ``signs``: its Celery worker events, when the orchestrator has seen any;
+    ``asleep``: the newest heartbeat announced that the machine suspends.
+
+    - ``asleep``: announced, and no heartbeat since (the first one after waking says
+      ``asleep: false``);
 
     - ``stopped``: a ``worker-offline`` came after every other event, and no capacity
       heartbeat came well after it (a restart the event listener missed);
@@ -171,6 +176,8 @@ def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfL
     - otherwise (no events: the listener is not running, or events are off) the capacity
       heartbeat decides: ``online`` within ``timeout_seconds``, else ``lost``.
     """
+    if asleep:
+        return "asleep"
     if signs is not None:
         window = signs.window_seconds
         offline = signs.offline_at

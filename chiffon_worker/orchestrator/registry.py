@@ -139,12 +139,13 @@ class AgentRecord:
         return float(self.metrics[name])
 
     def liveness(self, now: float) -> Liveness:
-        """``online``, ``stopped``, ``lost`` or ``conflict`` at ``now`` (unix seconds); see
-        :func:`agent_liveness`."""
+        """``online``, ``stopped``, ``lost``, ``conflict`` or ``asleep`` at ``now`` (unix
+        seconds); see :func:`agent_liveness`."""
         return agent_liveness(
             self.last_seen, self.heartbeat_timeout_seconds, self.heartbeat_interval_seconds,
             signs=self.signs, now=now,
-            conflict_seen_at=None if self.conflict is None else self.conflict.seen_at)
+            conflict_seen_at=None if self.conflict is None else self.conflict.seen_at,
+            asleep=self.metrics.get("asleep") is True)
 
     def conflicting(self, now: float) -> bool:
         """Whether a second live process claims this agent's id at ``now``."""
@@ -180,15 +181,16 @@ class AgentRecord:
 
 
 def agent_liveness(last_seen: float, timeout_seconds: float, interval_seconds: float, *,
-                   signs: SignsOfLife | None, conflict_seen_at: float | None, now: float
-                   ) -> Liveness:
+                   signs: SignsOfLife | None, conflict_seen_at: float | None, now: float,
+                   asleep: bool = False) -> Liveness:
     """An agent's liveness at ``now`` from what the registry stores of it (unix seconds):
     ``online``, ``stopped`` or ``lost`` as
     :func:`~chiffon_worker.orchestrator.liveness.liveness_of` judges its newest heartbeat
     (``last_seen``, its ``timeout_seconds``) and ``signs``; ``conflict`` instead of
     ``online`` while a second process claiming its id was seen within the conflict window
-    (``conflict_seen_at``, the agent's heartbeat ``interval_seconds``)."""
-    state = liveness_of(last_seen, timeout_seconds, signs, now)
+    (``conflict_seen_at``, the agent's heartbeat ``interval_seconds``); ``asleep`` when its
+    newest heartbeat announced sleep."""
+    state = liveness_of(last_seen, timeout_seconds, signs, now, asleep=asleep)
     if state == "online" and conflict_seen_at is not None and conflict_is_current(
             conflict_seen_at, interval_seconds, now):
         return "conflict"
@@ -568,6 +570,7 @@ class Registry:
             *(a.c[name] for name in columns), a.c.last_seen.label("liveness_last_seen"),
             a.c.heartbeat_timeout_seconds.label("liveness_timeout"),
             a.c.heartbeat_interval_seconds.label("liveness_interval"),
+            a.c.asleep.label("liveness_asleep"),
             *(signs.c[name] for name in _SIGN_COLUMNS),
             conflicts.c.seen_at.label("conflict_seen_at")).select_from(
             a.outerjoin(signs, signs.c.agent_id == a.c.agent_id)
@@ -578,13 +581,14 @@ class Registry:
         at = len(columns)
         values: list[tuple[Liveness, Sequence[Any]]] = []
         for row in rows:
-            last_seen, timeout, interval, worker, last_event, event_interval, offline, \
-                seen_at = row[at:]
+            last_seen, timeout, interval, asleep, worker, last_event, event_interval, \
+                offline, seen_at = row[at:]
             sign = None if last_event is None else SignsOfLife(
                 worker_name=worker, last_event_at=last_event,
                 event_interval_seconds=event_interval, offline_at=offline)
             values.append((agent_liveness(last_seen, timeout, interval, signs=sign,
-                                          conflict_seen_at=seen_at, now=now), row))
+                                          conflict_seen_at=seen_at, now=now,
+                                          asleep=asleep is True), row))
         return values
 
     def _agent_rows(self, pool: str | None, with_snapshot: bool

@@ -42,7 +42,7 @@ from chiffon_worker.snapshot import Column as ColumnSpec
 #: 3: ``accepting``, ``accepting_reason`` and ``work_running`` (drain), added the same
 #: way. 4: ``missed_seqs`` (several orchestrators on one registry), and the owner and
 #: wake columns ``owner_idle_seconds``, ``on_battery``, ``gpu_temperature_max_c``,
-#: ``mac_address``, the same way. New
+#: ``asleep``, ``mac_address``, the same way. New
 #: tables (``chiffon_drains``, ``chiffon_ingest_turns``) need no bump: ``create_all`` adds
 #: them anywhere.
 SCHEMA_VERSION = 4

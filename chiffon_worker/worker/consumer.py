@@ -43,6 +43,8 @@ RECONNECT_MAX_SECONDS = 5.0
 #: retries a stopped node for ~17 s (1 + 3 + 5 s and the attempts) before the consumer
 #: takes work again: measured after stopping one node of a three-node cluster.
 DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+#: The owner rules' watch (``worker/owner_watch.py``), a consumer step of ours.
+OWNER_WATCH_STEP = "chiffon_worker.worker.owner_watch:OwnerWatchStep"
 
 
 class AckLostFilter(logging.Filter):
@@ -78,10 +80,10 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
     """
 
     class Blueprint(_CeleryConsumer.Blueprint):  # type: ignore[misc]
-        """Celery's consumer steps without native delayed delivery."""
+        """Celery's consumer steps without native delayed delivery, with the owner watch."""
 
-        default_steps = [step for step in _CeleryConsumer.Blueprint.default_steps
-                         if step != DELAYED_DELIVERY_STEP]
+        default_steps = [*(step for step in _CeleryConsumer.Blueprint.default_steps
+                           if step != DELAYED_DELIVERY_STEP), OWNER_WATCH_STEP]
 
     def __init__(self, *args: Any, worker_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:

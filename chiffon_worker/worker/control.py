@@ -26,6 +26,7 @@ from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
+from chiffon_worker.agents.intake import DRAIN, OWNER
 from chiffon_worker.wire import (
     DRAIN_CONTROL_COMMAND,
     DRAINED_REASON,
@@ -47,7 +48,7 @@ def chiffon_drain(state: Any, requested_by: str = "unknown",
                   requested_at: float | None = None, **_: Any) -> dict[str, Any]:
     """Stop taking work from the pool queue (see the module docstring)."""
     config, intake = get_config(), get_agent().intake
-    was_drained = not intake.accepting
+    was_drained = intake.held_by(DRAIN) is not None
     mark = drain.DrainMark(time.time() if requested_at is None else float(requested_at),
                            str(requested_by))
     answer: dict[str, Any] = {"pool": config.agent_pool_name, "was_drained": was_drained}
@@ -59,8 +60,8 @@ def chiffon_drain(state: Any, requested_by: str = "unknown",
         log.warning("drained, but the drain mark could not be kept in %s (%s): a restart "
                     "resumes pool work", config.state_dir, exc.strerror or exc)
         answer.update(persisted=False, error=str(exc.strerror or exc))
-    intake.stop(DRAINED_REASON)
-    state.consumer.call_soon(drain.stop_consuming, state.consumer, config.agent_pool_name)
+    if intake.stop(DRAINED_REASON, DRAIN):
+        state.consumer.call_soon(drain.stop_consuming, state.consumer, config.agent_pool_name)
     log.info("drain requested by %s: finishing running work, no new work from %s",
              mark.requested_by, config.agent_pool_name)
     answer.update(ok=f"no longer consuming from {config.agent_pool_name}",
@@ -72,7 +73,7 @@ def chiffon_undrain(state: Any, **_: Any) -> dict[str, Any]:
     """Take work from the pool queue again (see the module docstring)."""
     config, intake = get_config(), get_agent().intake
     answer: dict[str, Any] = {"pool": config.agent_pool_name,
-                              "was_drained": not intake.accepting}
+                              "was_drained": intake.held_by(DRAIN) is not None}
     try:
         answer["was_drained"] = drain.remove_mark(config.state_dir) or answer["was_drained"]
         answer["persisted"] = True
@@ -80,10 +81,14 @@ def chiffon_undrain(state: Any, **_: Any) -> dict[str, Any]:
         log.warning("undrained, but the drain mark in %s could not be removed (%s): a "
                     "restart drains the agent again", config.state_dir, exc.strerror or exc)
         answer.update(persisted=False, error=str(exc.strerror or exc))
-    intake.resume()
-    state.consumer.call_soon(drain.resume_consuming, state.consumer, config.agent_pool_name)
-    answer.update(ok=f"consuming from {config.agent_pool_name}",
-                  work_running=intake.work_running)
+    if intake.resume(DRAIN):
+        state.consumer.call_soon(drain.resume_consuming, state.consumer,
+                                 config.agent_pool_name)
+        answer["ok"] = f"consuming from {config.agent_pool_name}"
+    else:  # the owner rules still hold the pool queue: they resume it when they allow
+        answer["ok"] = (f"undrained; not consuming from {config.agent_pool_name} while "
+                        f"{intake.held_by(OWNER)}")
+    answer["work_running"] = intake.work_running
     return answer
 
 

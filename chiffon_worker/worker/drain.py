@@ -94,16 +94,17 @@ def exclude_pool_if_drained(queues: Any, state_dir: str, pool: str) -> DrainMark
     return mark
 
 
-def stop_consuming(consumer: Any, pool: str) -> None:
+def stop_consuming(consumer: Any, pool: str, why: str = "drained") -> None:
     """Cancel the consumer of ``pool`` (Celery's ``cancel_consumer``); the selection
-    changes too, so a reconnect does not bring it back. Runs in the consumer's loop."""
+    changes too, so a reconnect does not bring it back. Runs in the consumer's loop.
+    ``why`` starts the log line (a drain, or the owner rules)."""
     consumer.app.amqp.queues.deselect(pool)
     if consumer.task_consumer is not None:
         consumer.task_consumer.cancel_by_queue(pool)
-    log.info("drained: no longer consuming pool queue %s", pool)
+    log.info("%s: no longer consuming pool queue %s", why, pool)
 
 
-def resume_consuming(consumer: Any, pool: str) -> None:
+def resume_consuming(consumer: Any, pool: str, why: str = "undrained") -> None:
     """Consume ``pool`` again, declared exactly as at start (the worker's own ``Queue``
     of it, so ``queue_type`` holds; ``wire.declared_queue`` if it has none). Runs in the
     consumer's loop."""
@@ -113,4 +114,4 @@ def resume_consuming(consumer: Any, pool: str) -> None:
     if task_consumer is not None and not task_consumer.consuming_from(pool):
         task_consumer.add_queue(queue)
         task_consumer.consume()
-    log.info("undrained: consuming pool queue %s again", pool)
+    log.info("%s: consuming pool queue %s again", why, pool)

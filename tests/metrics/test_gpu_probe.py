@@ -193,6 +193,16 @@ def test_two_nvidia_smi_gpus_give_exact_snapshot_keys(
     assert 0 <= probe["age_seconds"] < 0.5
 
 
+def test_the_hottest_gpus_temperature_is_a_flat_key(
+        root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_metrics: Callable[..., GpuMetrics]) -> None:
+    fake.printing(tmp_path, fake.TWO_GPUS).install(monkeypatch)
+    keys = gpu_keys(make_metrics(root).sample())
+    hottest = max(g["temperature_c"] for g in keys["gpus"])
+    assert hottest > 31.0, "the 4090 runs hotter than the idle 3090 in the sample"
+    assert keys["gpu_temperature_max_c"] == hottest
+
+
 def test_machine_without_gpus_reports_absent_and_zeros(
         root: str, make_metrics: Callable[..., GpuMetrics]) -> None:
     keys = gpu_keys(make_metrics(root).sample())
@@ -201,6 +211,7 @@ def test_machine_without_gpus_reports_absent_and_zeros(
         "gpu_type": "none", "gpu_count": 0, "gpus": [], "gpu_health": "none",
         "gpu_health_reason": None, "gpu_power_draw_w": None, "gpu_power_limit_w": None,
         "gpu_processes": None, "gpu_foreign_processes": None, "gpu_foreign_memory_gb": None,
+        "gpu_temperature_max_c": None,
         "gpu_probe": {"state": "absent", "source": "none", "age_seconds": keys["gpu_probe"][
             "age_seconds"], "error": None},
     }

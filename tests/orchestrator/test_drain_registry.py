@@ -168,6 +168,12 @@ def test_status_shows_draining_or_drained_instead_of_online() -> None:
     assert status_row(record(drained=False, accepting=True), NOW)[3] == "online"
 
 
+def test_status_shows_why_an_online_agent_takes_no_pool_work() -> None:
+    busy = record(drained=False, accepting=False, accepting_reason="owner-busy (input 12 s ago)")
+    assert status_row(busy, NOW)[3] == "owner-busy (input 12 s ago)"
+    assert status_row(record(drained=False, accepting=False), NOW)[3] == "not accepting"
+
+
 def test_status_keeps_an_offline_state_of_a_drained_agent() -> None:
     assert status_row(record(accepting=True, last_seen=NOW - 3600), NOW)[3] == "lost"
 

@@ -78,8 +78,10 @@ def test_each_agent_has_exactly_one_liveness_state_set(
              for labels, value in states.items()}
     assert shown == {("gpu-box", "online"): 1.0, ("gpu-box", "stopped"): 0.0,
                      ("gpu-box", "lost"): 0.0, ("gpu-box", "conflict"): 0.0,
+                     ("gpu-box", "asleep"): 0.0,
                      ("old-box", "online"): 0.0, ("old-box", "stopped"): 0.0,
-                     ("old-box", "lost"): 1.0, ("old-box", "conflict"): 0.0}
+                     ("old-box", "lost"): 1.0, ("old-box", "conflict"): 0.0,
+                     ("old-box", "asleep"): 0.0}
 
 
 def test_metrics_carry_the_consumer_counters(served: tuple[MetricsServer, Feeder]) -> None:

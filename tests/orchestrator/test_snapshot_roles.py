@@ -32,7 +32,7 @@ AGENTS_COLUMNS = {
     # schema 3 (drain: added the same way)
     "accepting", "accepting_reason", "work_running",
     # schema 4 (owner and wake: added the same way)
-    "owner_idle_seconds", "on_battery", "gpu_temperature_max_c", "mac_address",
+    "owner_idle_seconds", "on_battery", "gpu_temperature_max_c", "asleep", "mac_address",
 }
 HISTORY_COLUMNS = {"agent_id", "slot", "received_at", "cpu_load_1min", "cpu_cores_available",
                    "memory_available_gb", "gpu_vram_available_gb"}
