@@ -41,6 +41,8 @@ class DesktopAgent(BaseAgent):
         self._owner: OwnerActivity | None = None
         self._battery = Battery()
         self._mac: tuple[float, str | None] | None = None  # (when read, monotonic s; MAC)
+        #: the machine is suspending (set by the sleep watch; reported as ``asleep``)
+        self.asleep = False
 
     def _sources(self) -> tuple[CpuMetrics, MemoryMetrics, GpuMetrics]:
         if self._cpu is None or self._memory is None or self._gpu is None:
@@ -66,13 +68,14 @@ class DesktopAgent(BaseAgent):
         return metrics
 
     def _owner_keys(self) -> dict[str, Any]:
-        """``owner_idle_seconds``, ``owner_idle_source``, ``on_battery`` and
+        """``owner_idle_seconds``, ``owner_idle_source``, ``on_battery``, ``asleep`` and
         ``mac_address``: each read bounded, each failing alone (to null)."""
         reading = self._owner_activity().read(time.time())
         idle = reading.idle_seconds
         return {"owner_idle_seconds": None if idle is None else round(idle, 1),
                 "owner_idle_source": reading.source,
                 "on_battery": self._battery.on_battery(),
+                "asleep": self.asleep,
                 "mac_address": self._mac_address()}
 
     def owner_facts(self) -> OwnerFacts:

@@ -43,8 +43,10 @@ RECONNECT_MAX_SECONDS = 5.0
 #: retries a stopped node for ~17 s (1 + 3 + 5 s and the attempts) before the consumer
 #: takes work again: measured after stopping one node of a three-node cluster.
 DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
-#: The owner rules' watch (``worker/owner_watch.py``), a consumer step of ours.
+#: The owner rules' watch (``worker/owner_watch.py``) and the sleep announcer
+#: (``worker/sleep_announcer.py``), consumer steps of ours.
 OWNER_WATCH_STEP = "chiffon_worker.worker.owner_watch:OwnerWatchStep"
+SLEEP_STEP = "chiffon_worker.worker.sleep_announcer:SleepStep"
 
 
 class AckLostFilter(logging.Filter):
@@ -80,10 +82,11 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
     """
 
     class Blueprint(_CeleryConsumer.Blueprint):  # type: ignore[misc]
-        """Celery's consumer steps without native delayed delivery, with the owner watch."""
+        """Celery's consumer steps without native delayed delivery, with the owner watch
+        and the sleep announcer."""
 
         default_steps = [*(step for step in _CeleryConsumer.Blueprint.default_steps
-                           if step != DELAYED_DELIVERY_STEP), OWNER_WATCH_STEP]
+                           if step != DELAYED_DELIVERY_STEP), OWNER_WATCH_STEP, SLEEP_STEP]
 
     def __init__(self, *args: Any, worker_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
