@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from chiffon_worker.cli.command_types import Subcommands
 from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
@@ -36,6 +36,10 @@ from chiffon_worker.errors import (
     RoutingError,
 )
 from chiffon_worker.protocol import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from chiffon_worker.orchestrator.routing import Router, Submission
+    from chiffon_worker.protocol import WorkRequest
 
 #: How long one attempt to reach the broker may take before submit gives up (seconds).
 BROKER_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -62,9 +66,13 @@ def add_submit_command(subcommands: Subcommands) -> None:
                              "online now; it waits in the durable pool queue until one "
                              "consumes it")
     submit.add_argument("--wait-for-room", type=float, default=0.0, metavar="SECONDS",
-                        help="with --needs: when no online agent has room, try again every "
-                             "second for up to SECONDS (work ending frees room) instead of "
-                             "failing at once")
+                        help="with --needs: when no online agent has room (or none is "
+                             "online), try again every second for up to SECONDS (work "
+                             "ending frees room) instead of failing at once")
+    submit.add_argument("--wake", type=float, default=0.0, metavar="SECONDS",
+                        help="with --needs: when no awake agent fits, wake the sleeping "
+                             "agent that fits best (Wake-on-LAN, wake_broadcast_address and "
+                             "wake_port) and wait up to SECONDS for it to take the work")
     submit.add_argument("--work-id", help="work id (default: a new UUID)")
     submit.add_argument("--wait", action="store_true", help="wait for and print the result")
     submit.add_argument("--timeout", type=float, default=60.0,
@@ -228,10 +236,27 @@ def check_pool_online(config: Config, pool: str) -> None:
 
 # -- chiffon submit ---------------------------------------------------------------------------
 
+def submit_waking(router: Router, config: Config, request: WorkRequest,
+                  needs: dict[str, float], *, pool: str | None, seconds: float,
+                  why: RoutingError) -> Submission:
+    """Wake the sleeping agent that fits ``needs`` best, then place the work, waiting up to
+    ``seconds`` for it (or another agent) to take it; RoutingError when none sleeps that
+    fits (saying ``why`` no awake one did)."""
+    from chiffon_worker.orchestrator.waking import sleeper_for, wake_agent
+
+    sleeper = sleeper_for(router.registry.agents(pool), needs, pool=pool, now=time.time())
+    if sleeper is None:
+        raise RoutingError(f"{why}; and no sleeping agent with a known MAC address fits")
+    mac = wake_agent(sleeper, config.wake_broadcast_address, config.wake_port)
+    sys.stderr.write(f"woke {sleeper.agent_id} ({sleeper.hostname}, {mac}); waiting up to "
+                     f"{seconds:g} s for it to take the work\n")
+    return router.submit(request, pool=pool, needs=needs, wait_for_room_seconds=seconds)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Publish one WorkRequest; with ``--wait`` print its WorkResult (exit 1 on error)."""
     with needs_orchestrator_extra("submit"):
-        from chiffon_worker.orchestrator.routing import Router
+        from chiffon_worker.orchestrator.routing import NoAgentOnline, NoFitError, Router
     from chiffon_worker.protocol import WorkRequest
 
     payload = read_payload(args.payload)
@@ -240,6 +265,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ChiffonError("--timeout must be positive")
     if args.wait_for_room < 0 or (args.wait_for_room and needs is None):
         raise ChiffonError("--wait-for-room needs --needs and a number of seconds >= 0")
+    if args.wake < 0 or (args.wake and needs is None):
+        raise ChiffonError("--wake needs --needs and a number of seconds >= 0")
     request = WorkRequest(work_id=args.work_id or str(uuid.uuid4()), work_type=args.work_type,
                           payload=payload)
     config = Config()
@@ -249,8 +276,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         connect_broker(router.broker_url)
         if needs is None and not args.queue_anyway:
             check_pool_online(config, pool)
-        submission = router.submit(request, pool=pool, needs=needs,
-                                   wait_for_room_seconds=args.wait_for_room)
+        try:
+            submission = router.submit(request, pool=pool, needs=needs,
+                                       wait_for_room_seconds=args.wait_for_room)
+        except RoutingError as exc:
+            if not args.wake or not isinstance(exc, NoFitError | NoAgentOnline):
+                raise
+            assert needs is not None  # checked with --wake above
+            submission = submit_waking(router, config, request, needs, pool=pool,
+                                       seconds=args.wake, why=exc)
         if args.wait:
             where = submission.queue + (f" (agent {submission.agent_id})"
                                         if submission.agent_id else "")

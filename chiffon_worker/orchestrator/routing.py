@@ -105,6 +105,10 @@ class NoFitError(RoutingError):
     """No online agent has room for the needs right now (others may free some)."""
 
 
+class NoAgentOnline(RoutingError):
+    """No agent of the pool is online and takes work right now (one may come)."""
+
+
 def work_queue(name: str, queue_type: str = CLASSIC_QUEUE) -> Queue:
     """A work queue as agents declare it: durable, direct exchange named like the queue,
     of ``queue_type`` (the config key: a pool's agents and its submitters must agree)."""
@@ -183,10 +187,10 @@ def pick_agent(records: Iterable[AgentRecord], needs: Mapping[str, Any], *,
     online = [r for r in alive if r.takes_work(moment)]
     if not online:
         if alive:
-            raise RoutingError(f"no online agent{where} takes work: {len(alive)} online but "
-                               "drained or not accepting work")
+            raise NoAgentOnline(f"no online agent{where} takes work: {len(alive)} online "
+                                "but drained or not accepting work")
         detail = f" ({len(known)} known, all offline)" if known else ""
-        raise RoutingError(f"no online agent{where}{detail}")
+        raise NoAgentOnline(f"no online agent{where}{detail}")
     holding = held or {}
     ranked = sorted((_Choice(r, wanted, holding.get(r.agent_id)) for r in online),
                     key=lambda c: (-c.headroom, c.record.agent_id))
@@ -347,13 +351,14 @@ class Router:
     def _place(self, request: WorkRequest, needs: Mapping[str, Any], pool: str | None,
                wait_for_room_seconds: float) -> str:
         """Choose an agent and reserve ``needs`` on it in one locked transaction; returns
-        the agent id (retrying for up to ``wait_for_room_seconds`` while nothing fits)."""
+        the agent id (retrying for up to ``wait_for_room_seconds`` while nothing fits, or
+        no agent is online: one may come, a woken one say)."""
         wanted = check_needs(needs)
         deadline = time.monotonic() + wait_for_room_seconds
         while True:
             try:
                 return self.place(request, wanted, pool)
-            except NoFitError:
+            except (NoFitError, NoAgentOnline):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
