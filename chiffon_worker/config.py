@@ -439,13 +439,27 @@ def _config_files(env: Mapping[str, str], home_dir: Path,
     return list(reversed(dict.fromkeys(reversed(files))))
 
 
+#: The owner rules (``agents/owner_rules.py``): an unknown key that looks like one of them
+#: is an error, not a warning, since a misspelled rule would leave the machine offered
+#: whatever its owner does.
+OWNER_RULE_KEYS = ("owner_idle_minutes", "work_on_battery", "foreign_gpu_memory_below_gb",
+                   "gpu_temperature_below_c")
+_OWNER_RULE_PREFIXES = ("owner_", "work_on", "foreign_gpu", "gpu_temp")
+
+
 def _file_layer(path: Path) -> dict[str, Any]:
-    """The known keys of one config file, coerced; unknown keys warn and are dropped."""
+    """The known keys of one config file, coerced; unknown keys warn and are dropped,
+    except one that looks like an owner rule (ConfigError)."""
     layer: dict[str, Any] = {}
     for raw_key, raw in _read_yaml(path).items():
         name = str(raw_key).lower()
         if name not in KEYS:
-            log.warning("%s: unknown key %r ignored%s", path, name, _closest(name))
+            hint = _closest(name)
+            if name.startswith(_OWNER_RULE_PREFIXES) or any(
+                    f"{rule!r}" in hint for rule in OWNER_RULE_KEYS):
+                raise ConfigError(str(path), name, f"unknown owner rule{hint or ''} (known: "
+                                  f"{', '.join(OWNER_RULE_KEYS)})")
+            log.warning("%s: unknown key %r ignored%s", path, name, hint)
             continue
         layer[name] = _coerce(KEYS[name], raw, str(path))
     return layer

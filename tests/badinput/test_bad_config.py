@@ -212,6 +212,18 @@ CASES: list[Bad] = [
     Bad("env_log_level_unknown", "environment CHIFFON_LOG_LEVEL", "log_level",
         "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
         env={"CHIFFON_LOG_LEVEL": "loud"}),
+    # -- the owner rules: a mistake must not leave the machine offered to all comers ----------
+    Bad("owner_rule_misspelled", "{user}", "owner_idel_minutes",
+        "unknown owner rule; did you mean 'owner_idle_minutes'?",
+        user_file="owner_idel_minutes: 10\n"),
+    Bad("owner_rule_unknown", "{user}", "owner_gaming", "unknown owner rule",
+        user_file="owner_gaming: true\n"),
+    Bad("owner_idle_minutes_negative", "{user}", "owner_idle_minutes",
+        "must be between 0 and 10080 (got -5.0)", user_file="owner_idle_minutes: -5\n"),
+    Bad("gpu_temperature_as_text", "{user}", "gpu_temperature_below_c",
+        "expected a number, got 'hot'", user_file="gpu_temperature_below_c: hot\n"),
+    Bad("work_on_battery_unknown", "{user}", "work_on_battery", "must be one of yes, no",
+        user_file="work_on_battery: sometimes\n"),
 ]
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "duplicate case ids"
@@ -324,6 +336,7 @@ WORKER_CASES = [
     "unsafe_python_object_apply_tag",
     "yaml_duplicate_key",
     "broker_url_broken_ipv6_host",
+    "owner_rule_misspelled",
 ]
 
 
