@@ -225,6 +225,10 @@ class Config:
     gpu_temperature_below_c: float = setting(
         0.0, "take pool work only while the hottest GPU is cooler than this; 0: no such "
         "rule", unit="degC", check=bounded(0, 150))
+    owner_returns: str = setting(
+        "finish", "what running work does when the owner rules say no: finish (default), or "
+        "requeue (it stops and goes back to the pool queue for another agent; work that "
+        "cannot stop early finishes)", check=one_of("finish", "requeue"))
     owner_check_seconds: float = setting(
         5.0, "how often the owner rules are checked", unit="s", check=bounded(0.2, 3600))
     dev_root: str = setting(

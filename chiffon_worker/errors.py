@@ -25,6 +25,10 @@ class ChiffonError(Exception):
     """Base of every deliberate chiffon error; ``str()`` is a complete one-line message."""
 
 
+class WorkHandedBack(ChiffonError):
+    """Running work stopped to go back to the pool queue (the owner rules asked)."""
+
+
 class ConfigError(ChiffonError):
     """The configuration is unusable: names the file (or environment variable), key and problem."""
 

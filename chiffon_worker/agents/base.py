@@ -85,8 +85,11 @@ class BaseAgent(abc.ABC):
         """What kinds of work this agent accepts."""
 
     @abc.abstractmethod
-    def execute_work(self, request: WorkRequest) -> WorkResult:
-        """Run one work request and return its result; never raises for bad work."""
+    def execute_work(self, request: WorkRequest,
+                     handed_back: threading.Event | None = None) -> WorkResult:
+        """Run one work request and return its result; never raises for bad work. Work
+        that can stop early watches ``handed_back`` and, once it is set, raises
+        :class:`~chiffon_worker.errors.WorkHandedBack` (its work goes back to the pool)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources (probe threads, library handles)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from chiffon_worker.agents.base import BaseAgent
 from chiffon_worker.agents.owner_rules import OwnerFacts
 from chiffon_worker.config import Config
+from chiffon_worker.errors import WorkHandedBack
 from chiffon_worker.metrics.battery import Battery
 from chiffon_worker.metrics.cpu import CpuMetrics
 from chiffon_worker.metrics.gpu import GpuMetrics
@@ -102,19 +104,22 @@ class DesktopAgent(BaseAgent):
     def get_agent_capabilities(self) -> dict[str, Any]:
         return {"gpu_compute": False, "inference": False, "training": False}
 
-    def execute_work(self, request: WorkRequest) -> WorkResult:
+    def execute_work(self, request: WorkRequest,
+                     handed_back: threading.Event | None = None) -> WorkResult:
         """Stub: logs the work type and succeeds; real execution arrives in a later phase.
 
-        The one built-in work type, ``sleep``, holds the slot for ``payload.seconds``."""
+        The one built-in work type, ``sleep``, holds the slot for ``payload.seconds``; it
+        stops with WorkHandedBack when ``handed_back`` is set meanwhile."""
         started = time.perf_counter()
         if request.work_type == SLEEP_WORK_TYPE:
-            return self._sleep(request, started)
+            return self._sleep(request, started, handed_back or threading.Event())
         log.info("work %s of type %s received (stub: metrics-only agent)",
                  request.work_id, request.work_type)
         return WorkResult.success(request, STUB_OUTPUT, self.agent_id,
                                   time.perf_counter() - started)
 
-    def _sleep(self, request: WorkRequest, started: float) -> WorkResult:
+    def _sleep(self, request: WorkRequest, started: float,
+               handed_back: threading.Event) -> WorkResult:
         payload = request.payload
         seconds = payload.get("seconds") if isinstance(payload, dict) else None
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
@@ -124,7 +129,8 @@ class DesktopAgent(BaseAgent):
                 f"{MAX_SLEEP_SECONDS:g}, got {seconds!r}", self.agent_id,
                 time.perf_counter() - started)
         log.info("work %s: sleeping %g s", request.work_id, seconds)
-        time.sleep(seconds)
+        if handed_back.wait(seconds):
+            raise WorkHandedBack(f"sleep stopped after {time.perf_counter() - started:.1f} s")
         return WorkResult.success(request, {"slept_seconds": seconds}, self.agent_id,
                                   time.perf_counter() - started)
 

@@ -35,6 +35,7 @@ class WorkIntake:
         self._counted = counted
         self._running = 0
         self._holds: dict[Hold, str] = {}  # empty: accepting
+        self._handing: set[threading.Event] = set()  # of the work running now
 
     @property
     def accepting(self) -> bool:
@@ -72,15 +73,27 @@ class WorkIntake:
             return not self._holds
 
     @contextmanager
-    def running(self) -> Iterator[None]:
-        """Count one running ``execute_work`` for the duration of the block."""
+    def running(self) -> Iterator[threading.Event]:
+        """Count one running ``execute_work`` for the duration of the block; yields the
+        event :meth:`hand_back` sets (the work should stop and go back to the pool)."""
+        handed_back = threading.Event()
         with self._lock:
             self._running += 1
+            self._handing.add(handed_back)
         try:
-            yield
+            yield handed_back
         finally:
             with self._lock:
                 self._running -= 1
+                self._handing.discard(handed_back)
+
+    def hand_back(self) -> int:
+        """Ask every running ``execute_work`` to stop and hand its work back to the pool
+        queue; returns how many were asked."""
+        with self._lock:
+            for event in self._handing:
+                event.set()
+            return len(self._handing)
 
     def snapshot_keys(self) -> dict[str, Any]:
         """``accepting``, ``accepting_reason`` and ``work_running`` for the snapshot."""

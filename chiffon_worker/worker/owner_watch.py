@@ -5,8 +5,9 @@
 the agent's :class:`~chiffon_worker.agents.intake.WorkIntake` (``accepting: false`` with
 the reason, in the next heartbeat) and the worker stops consuming its pool queue, exactly
 as a drain does (``worker/drain.py``): running work finishes, the agent's own queue keeps
-its consumer. When they say yes again the hold goes and, unless a drain still holds the
-queue, the worker consumes it again by itself.
+its consumer. With ``owner_returns: requeue`` the running work is then asked to stop and
+go back to the pool queue (``WorkIntake.hand_back``). When they say yes again the hold
+goes and, unless a drain still holds the queue, the worker consumes it again by itself.
 
 :class:`OwnerWatchStep` is the consumer bootstep that runs it (nothing runs when every
 rule is off, the default).
@@ -74,6 +75,13 @@ class OwnerWatch:
                 return
 
 
+def hand_back(intake: WorkIntake) -> None:
+    """Ask the running work to go back to the pool queue (``owner_returns: requeue``)."""
+    asked = intake.hand_back()
+    if asked:
+        log.info("owner rules: handing %d running work item(s) back to the pool queue", asked)
+
+
 class OwnerWatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step: runs an :class:`OwnerWatch` thread while the consumer runs."""
 
@@ -90,9 +98,15 @@ class OwnerWatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if not rules.active:
             return
         agent, pool = get_agent(), config.agent_pool_name
+        requeue = config.owner_returns == "requeue"
+
+        def stop_consuming() -> None:
+            c.call_soon(drain.stop_consuming, c, pool, "owner rules")
+            if requeue:  # after the pool consumer is gone: the broker delivers elsewhere
+                c.call_soon(hand_back, agent.intake)
+
         watch = OwnerWatch(
-            rules, agent.intake, agent.owner_facts,
-            stop_consuming=lambda: c.call_soon(drain.stop_consuming, c, pool, "owner rules"),
+            rules, agent.intake, agent.owner_facts, stop_consuming=stop_consuming,
             resume_consuming=lambda: c.call_soon(drain.resume_consuming, c, pool,
                                                  "owner rules"))
         self._stop = threading.Event()

@@ -1,7 +1,10 @@
 """``chiffon.execute_work``: the task agents run.
 
 It never raises for bad input: a malformed request becomes an error ``WorkResult``, so a
-poison message is acknowledged once and never redelivered in a loop. (Agents only
+poison message is acknowledged once and never redelivered in a loop. Work the agent hands
+back (the owner returned, ``owner_returns: requeue``) is rejected with requeue: the
+broker delivers it again, to an agent that consumes the pool queue, and this run leaves
+no result. (Agents only
 *publish* ``chiffon.heartbeat``, see :mod:`.heartbeat_sender`; no agent runs it, so it is
 not registered here.)
 """
@@ -13,8 +16,9 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Reject
 
-from chiffon_worker.errors import ProtocolError
+from chiffon_worker.errors import ProtocolError, WorkHandedBack
 from chiffon_worker.protocol import WorkRequest, WorkResult
 from chiffon_worker.wire import EXECUTE_WORK_TASK
 from chiffon_worker.worker.runtime import get_agent, get_config
@@ -36,8 +40,13 @@ def execute_work(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return WorkResult.failure(_echoable_work_id(args, exc), f"malformed work request: {exc}",
                                   get_config().agent_id, time.perf_counter() - started).to_dict()
     agent = get_agent()
-    with agent.intake.running():  # the heartbeat's work_running
-        return agent.execute_work(request).to_dict()
+    with agent.intake.running() as handed_back:  # the heartbeat's work_running
+        try:
+            return agent.execute_work(request, handed_back).to_dict()
+        except WorkHandedBack as exc:
+            # the broker delivers the message again, to an agent that consumes the pool
+            log.info("work %s handed back to the pool queue: %s", request.work_id, exc)
+            raise Reject(str(exc), requeue=True) from None
 
 
 def _echoable_work_id(args: tuple[Any, ...], exc: ProtocolError) -> str:

@@ -90,3 +90,13 @@ def test_a_check_whose_facts_fail_is_logged_and_the_watch_goes_on() -> None:
     wait_until(lambda: machine.calls == ["stop"], 5, "a check after the failed one")
     stop.set()
     thread.join(5)
+
+
+def test_hand_back_asks_only_the_work_running_now() -> None:
+    intake = WorkIntake()
+    with intake.running() as first, intake.running() as second:
+        assert intake.hand_back() == 2
+        assert first.is_set() and second.is_set()
+    with intake.running() as later:
+        assert not later.is_set()
+    assert intake.hand_back() == 0

@@ -101,3 +101,39 @@ def test_the_owner_at_the_keyboard_sends_pool_work_elsewhere_until_they_leave(
         for agent in agents:
             agent.stop()
             delete_agent_queues(vhost, agent.pool, agent.agent_queue)
+
+
+def test_with_requeue_the_owners_return_hands_running_work_to_another_agent_once(
+        vhost: str, tmp_path: Path) -> None:
+    device = tmp_path / "dev" / "input" / "event0"
+    device.parent.mkdir(parents=True)
+    device.touch()
+    owner_at_keyboard(device, present=False)
+    pool = unique("t-pool")
+    agents: list[Agent] = []
+    client = work_client(vhost, "rpc://")
+    try:
+        desktop = start_agent(tmp_path, vhost, pool=pool, extra_env={
+            "CHIFFON_OWNER_IDLE_MINUTES": "0.5", "CHIFFON_OWNER_CHECK_SECONDS": f"{CHECK_S}",
+            "CHIFFON_OWNER_RETURNS": "requeue", "CHIFFON_DEV_ROOT": str(tmp_path / "dev"),
+            "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}"})
+        agents.append(desktop)
+        desktop.wait_ready()
+        work_id = unique("w")
+        request = {"work_id": work_id, "work_type": "sleep", "payload": {"seconds": 6}}
+        result = client.send_task(EXECUTE_WORK_TASK, args=[request], task_id=work_id,
+                                  queue=declared_queue(pool))
+        wait_until(lambda: f"work {work_id}: sleeping" in desktop.log(), SOON_S,
+                   "the desktop running the work")
+        other = start_agent(tmp_path, vhost, pool=pool)
+        agents.append(other)
+        other.wait_ready()
+        owner_at_keyboard(device, present=True)
+        assert result.get(timeout=SOON_S)["agent_id"] == other.agent_id
+        assert f"work {work_id} handed back to the pool queue" in desktop.log()
+        assert [agent.log().count(f"work {work_id}: sleeping") for agent in agents] == [1, 1]
+    finally:
+        close_client(client)
+        for agent in agents:
+            agent.stop()
+            delete_agent_queues(vhost, agent.pool, agent.agent_queue)
