@@ -41,6 +41,19 @@ def rabbitmq_url() -> str:
     return RABBITMQ_URL
 
 
+@pytest.fixture
+def vhost(rabbitmq_url: str) -> Iterator[str]:
+    """The broker URL of a private vhost on the machine's RabbitMQ, deleted afterwards (other
+    programs use the broker at the same time)."""
+    from tests.orchestrator_process import VhostUnavailable, private_vhost
+
+    try:
+        with private_vhost(rabbitmq_url) as url:
+            yield url
+    except VhostUnavailable as exc:
+        missing_service(str(exc))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     require_port("127.0.0.1", 6379, "Redis")

@@ -36,8 +36,6 @@ from tests.integration.helpers import (
 from tests.orchestrator_process import (
     CHIFFON,
     Orchestrator,
-    VhostUnavailable,
-    private_vhost,
     rabbitmqctl,
     start_orchestrator,
 )
@@ -65,14 +63,6 @@ def pg_database() -> Iterator[str]:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-
-@pytest.fixture
-def vhost(rabbitmq_url: str) -> Iterator[str]:
-    try:
-        with private_vhost(rabbitmq_url) as url:
-            yield url
-    except VhostUnavailable as exc:
-        missing_service(str(exc))
 
 
 def orchestrator(tmp: Path, name: str, broker: str, database: str, *args: str

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chiffon_worker.wire import EXECUTE_WORK_TASK, agent_queue_name, declared_queue
-from tests.conftest import missing_service
 from tests.integration.helpers import (
     Agent,
     HeartbeatTap,
@@ -31,7 +29,6 @@ from tests.integration.helpers import (
     unique,
     work_client,
 )
-from tests.orchestrator_process import VhostUnavailable, private_vhost
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,14 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SOON_S = 20.0
 CHECK_S = 0.2
 
-
-@pytest.fixture
-def vhost(rabbitmq_url: str) -> Iterator[str]:
-    try:
-        with private_vhost(rabbitmq_url) as url:
-            yield url
-    except VhostUnavailable as exc:
-        missing_service(str(exc))
 
 
 def owner_at_keyboard(device: Path, present: bool) -> None:

@@ -8,31 +8,20 @@ that quick)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chiffon_worker.orchestrator.registry import Registry
-from tests.conftest import missing_service
 from tests.fake_logind import FakeLogind, private_bus
 from tests.integration.helpers import HeartbeatTap, delete_agent_queues, start_agent
 from tests.orchestrator.feeding import Feeder
-from tests.orchestrator_process import VhostUnavailable, private_vhost
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 INTERVAL_S = 60.0  # no beat-driven heartbeat after the first, within the test
 SOON_S = 15.0
 
-
-@pytest.fixture
-def vhost(rabbitmq_url: str) -> Iterator[str]:
-    try:
-        with private_vhost(rabbitmq_url) as url:
-            yield url
-    except VhostUnavailable as exc:
-        missing_service(str(exc))
 
 
 def test_the_agent_announces_sleep_and_waking_in_heartbeats_at_once(

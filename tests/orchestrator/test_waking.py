@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,6 @@ import pytest
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.orchestrator.waking import fits_by_report, sleeper_for
 from chiffon_worker.wake import magic_packet
-from tests.conftest import missing_service
-from tests.orchestrator_process import VhostUnavailable, private_vhost
 
 from .feeding import Feeder
 from .snapshots import make_snapshot
@@ -51,14 +48,6 @@ def test_the_sleeper_that_fits_best_by_its_last_report_is_chosen(
     small = next(r for r in records if r.agent_id == "small")
     assert fits_by_report(small, {"cores": 1}) == 2.0
 
-
-@pytest.fixture
-def vhost(rabbitmq_url: str) -> Iterator[str]:
-    try:
-        with private_vhost(rabbitmq_url) as url:
-            yield url
-    except VhostUnavailable as exc:
-        missing_service(str(exc))
 
 
 def test_submit_wake_wakes_the_sleeper_and_places_the_work_once_it_heartbeats(
