@@ -146,3 +146,24 @@ def test_an_agent_reports_a_gb10_with_the_memory_figures_of_the_same_snapshot() 
     assert snap["gpus"][0]["unified"] is True
     assert (snap["gpu_vram_total_gb"], snap["gpu_vram_available_gb"]) == (
         snap["memory_total_gb"], snap["memory_available_gb"])
+
+
+def test_an_agents_owner_facts_carry_what_games_hold_of_its_gpus_and_the_hottest_one() -> None:
+    from chiffon_worker.agents.desktop import DesktopAgent
+    from chiffon_worker.config import Config
+    from chiffon_worker.metrics.cpu import CpuMetrics
+    from chiffon_worker.metrics.gpu import GpuMetrics
+    from chiffon_worker.metrics.memory import MemoryMetrics
+
+    game = GpuProcess(pid=4242, name="Cyberpunk2077.exe", memory_gb=7.5, owner="foreign")
+    ours = GpuProcess(pid=4243, name="python3", memory_gb=3.0, owner="agent")
+    busy = replace(DGPU, temperature_c=83.0, processes=(game, ours))
+    agent = DesktopAgent("rig-1", "desktop", Config(environ={}, dev_root="/nonexistent"))
+    agent._cpu, agent._memory = CpuMetrics(), MemoryMetrics()
+    agent._gpu = GpuMetrics(prober=_Prober(busy, replace(DGPU, index=1)))
+    try:
+        facts = agent.owner_facts()
+    finally:
+        agent.close()
+    assert (facts.foreign_gpu_memory_gb, facts.gpu_temperature_max_c) == (7.5, 83.0)
+    assert facts.idle_seconds is None or facts.idle_seconds >= 0
