@@ -10,16 +10,20 @@ seconds for it (connect, authenticate and both property reads together). One con
 reused between reads; any failure of the connection itself (refused, timed out, dropped)
 discards it and the next read connects again. The bus address comes from
 ``DBUS_SYSTEM_BUS_ADDRESS``, else :data:`DEFAULT_SYSTEM_BUS_ADDRESS`.
+
+:func:`inhibit` takes a logind inhibitor lock (``Manager.Inhibit``), held by the file
+descriptor logind hands back: the sleep watch holds a "delay" one while awake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -71,13 +75,16 @@ def system_bus_address(environ: Mapping[str, str] | None = None) -> str:
     return env.get("DBUS_SYSTEM_BUS_ADDRESS", "").strip() or DEFAULT_SYSTEM_BUS_ADDRESS
 
 
-async def connect_bus(address: str) -> MessageBus:
+async def connect_bus(address: str, *, negotiate_unix_fd: bool = False) -> MessageBus:
     """A connected, authenticated bus at ``address``. Unbounded: the caller bounds it.
+    ``negotiate_unix_fd``: ask the bus to pass file descriptors (a bus that refuses fails
+    authentication: the :class:`LogindUnavailable` raised then has an ``AuthError`` cause).
 
     Raises :class:`LogindUnavailable` for every way the connection can fail."""
     try:
         # dbus-fast < 5 opens the socket in the constructor, >= 5 in connect(): both here.
-        return await MessageBus(bus_address=address).connect()
+        return await MessageBus(bus_address=address,
+                                negotiate_unix_fd=negotiate_unix_fd).connect()
     except (OSError, DBusFastError, EOFError) as exc:
         raise LogindUnavailable(f"system bus at {address}: {exc or type(exc).__name__}") from exc
 
@@ -109,6 +116,62 @@ def reply_error(reply: Message | None) -> str | None:
     if reply.message_type is not MessageType.METHOD_RETURN:
         return f"unexpected {reply.message_type.name} reply"
     return None
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each of ``fds``, ignoring those already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def inhibit(bus: MessageBus, *, what: str, who: str, why: str, mode: str,
+                  timeout_s: float) -> int:
+    """Take a logind inhibitor lock (``Manager.Inhibit(ssss) -> h``) over ``bus``, which
+    must have been connected with ``negotiate_unix_fd=True``: the file descriptor that
+    holds the lock, not inheritable across exec. Closing it releases the lock.
+
+    Bounded by ``timeout_s`` seconds. Raises :class:`LogindUnavailable` when logind refuses
+    (no permission), is absent, does not answer in time, or answers without a descriptor;
+    every other descriptor in the reply is closed, and so are those of a reply that comes
+    after the wait was given up (timed out or cancelled)."""
+    call = asyncio.ensure_future(bus.call(Message(
+        destination=LOGIN1_NAME, path=LOGIN1_PATH, interface=MANAGER_INTERFACE,
+        member="Inhibit", signature="ssss", body=[what, who, why, mode])))
+    try:
+        reply = await asyncio.wait_for(asyncio.shield(call), timeout_s)
+    except BaseException as exc:
+        call.add_done_callback(_close_reply_fds)  # a reply may yet come, with its fd
+        if isinstance(exc, TimeoutError):
+            raise LogindUnavailable(f"Inhibit: no answer within {timeout_s:g} s") from None
+        if isinstance(exc, (OSError, DBusFastError, EOFError)):
+            raise LogindUnavailable(f"Inhibit: {exc!r}") from exc
+        raise
+    fds = list(reply.unix_fds)
+    try:
+        error = reply_error(reply)
+        if error is not None:
+            raise LogindUnavailable(f"Inhibit: {error}")
+        index = reply.body[0] if reply.signature == "h" and reply.body else None
+        if not isinstance(index, int) or not 0 <= index < len(fds):
+            raise LogindUnavailable(
+                f"Inhibit: no file descriptor in the reply ({reply.signature or 'empty'}, "
+                f"{len(fds)} fds)")
+        fd = fds[index]
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            raise LogindUnavailable(f"Inhibit: the descriptor received: {exc!r}") from exc
+        del fds[index]
+        return fd
+    finally:
+        close_fds(fds)
+
+
+def _close_reply_fds(call: asyncio.Future[Message]) -> None:
+    """Done-callback of an abandoned call: closes the descriptors its reply brought."""
+    if not call.cancelled() and call.exception() is None:
+        close_fds(call.result().unix_fds)
 
 
 class LoopThread:
