@@ -38,6 +38,23 @@ CHECK_S = 0.2
 
 
 
+def input_device(tmp_path: Path, *, present: bool) -> Path:
+    """A replayed ``<tmp_path>/dev/input/event0`` with the owner ``present`` or not."""
+    device = tmp_path / "dev" / "input" / "event0"
+    device.parent.mkdir(parents=True)
+    device.touch()
+    owner_at_keyboard(device, present)
+    return device
+
+
+def owner_rules_env(tmp_path: Path, **more: str) -> dict[str, str]:
+    """An agent's environment: idle 30 s required, checked every CHECK_S, input read under
+    ``<tmp_path>/dev``, no system bus (so no logind)."""
+    return {"CHIFFON_OWNER_IDLE_MINUTES": "0.5", "CHIFFON_OWNER_CHECK_SECONDS": f"{CHECK_S}",
+            "CHIFFON_DEV_ROOT": str(tmp_path / "dev"),
+            "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}", **more}
+
+
 def owner_at_keyboard(device: Path, present: bool) -> None:
     """The owner's newest input: an hour from now (present: idle 0 for the whole test)
     or an hour ago (gone)."""
@@ -47,20 +64,15 @@ def owner_at_keyboard(device: Path, present: bool) -> None:
 
 def test_the_owner_at_the_keyboard_sends_pool_work_elsewhere_until_they_leave(
         vhost: str, tmp_path: Path) -> None:
-    device = tmp_path / "dev" / "input" / "event0"
-    device.parent.mkdir(parents=True)
-    device.touch()
-    owner_at_keyboard(device, present=True)
+    device = input_device(tmp_path, present=True)
     pool = unique("t-pool")
     desktop_id = unique("t-desktop")
     agents: list[Agent] = []
     tap = HeartbeatTap(vhost, desktop_id)
     client = work_client(vhost, "rpc://")
     try:
-        agents.append(start_agent(tmp_path, vhost, agent_id=desktop_id, pool=pool, extra_env={
-            "CHIFFON_OWNER_IDLE_MINUTES": "0.5", "CHIFFON_OWNER_CHECK_SECONDS": f"{CHECK_S}",
-            "CHIFFON_DEV_ROOT": str(tmp_path / "dev"),
-            "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}"}))
+        agents.append(start_agent(tmp_path, vhost, agent_id=desktop_id, pool=pool,
+                                  extra_env=owner_rules_env(tmp_path)))
         agents.append(start_agent(tmp_path, vhost, pool=pool))
         for agent in agents:
             agent.wait_ready()
@@ -94,18 +106,13 @@ def test_the_owner_at_the_keyboard_sends_pool_work_elsewhere_until_they_leave(
 
 def test_with_requeue_the_owners_return_hands_running_work_to_another_agent_once(
         vhost: str, tmp_path: Path) -> None:
-    device = tmp_path / "dev" / "input" / "event0"
-    device.parent.mkdir(parents=True)
-    device.touch()
-    owner_at_keyboard(device, present=False)
+    device = input_device(tmp_path, present=False)
     pool = unique("t-pool")
     agents: list[Agent] = []
     client = work_client(vhost, "rpc://")
     try:
-        desktop = start_agent(tmp_path, vhost, pool=pool, extra_env={
-            "CHIFFON_OWNER_IDLE_MINUTES": "0.5", "CHIFFON_OWNER_CHECK_SECONDS": f"{CHECK_S}",
-            "CHIFFON_OWNER_RETURNS": "requeue", "CHIFFON_DEV_ROOT": str(tmp_path / "dev"),
-            "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}"})
+        desktop = start_agent(tmp_path, vhost, pool=pool, extra_env=owner_rules_env(
+            tmp_path, CHIFFON_OWNER_RETURNS="requeue"))
         agents.append(desktop)
         desktop.wait_ready()
         work_id = unique("w")

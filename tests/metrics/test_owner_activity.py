@@ -39,18 +39,6 @@ class SteppedClock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def bus_address() -> Iterator[str]:
-    with private_bus() as address:
-        yield address
-
-
-@pytest.fixture
-def logind(bus_address: str) -> Iterator[FakeLogind]:
-    with FakeLogind(bus_address) as fake:
-        yield fake
-
-
 @pytest.fixture
 def dev_root(tmp_path: Path) -> Path:
     """A replayed /dev: input/event0 read 300 s before NOW, event1 90 s, mice 5 s (ignored)."""

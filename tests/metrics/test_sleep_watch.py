@@ -39,18 +39,6 @@ class Recorder:
             return list(self.calls)
 
 
-@pytest.fixture(scope="module")
-def bus_address() -> Iterator[str]:
-    with private_bus() as address:
-        yield address
-
-
-@pytest.fixture
-def logind(bus_address: str) -> Iterator[FakeLogind]:
-    with FakeLogind(bus_address) as fake:
-        yield fake
-
-
 @pytest.fixture
 def watches() -> Iterator[list[SleepWatch]]:
     made: list[SleepWatch] = []
