@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ from chiffon_worker.errors import (
     EXIT_CONFIG,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     BrokerLoginRefused,
     ChiffonError,
     ConfigError,
@@ -79,3 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_status(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (``chiffon status --watch | head``): stop quietly; stdout
+        # is pointed at /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -27,6 +27,7 @@ from chiffon_worker.cli.output import emit, json_array
 from chiffon_worker.cli.status_table import render_status
 from chiffon_worker.config import Config
 from chiffon_worker.errors import EXIT_OK, ChiffonError
+from chiffon_worker.orchestrator.agent_names import resolve_agent
 from chiffon_worker.orchestrator.agent_view import status_json, status_object
 
 if TYPE_CHECKING:
@@ -60,12 +61,16 @@ def add_fleet_commands(subcommands: Subcommands) -> None:
                         help="a JSON array, one object per agent: indented on a terminal, "
                              "else compact (one line, for programs)")
     status.add_argument("--pool", help="only agents of this pool")
+    status.add_argument("--wide", action="store_true",
+                        help="every column and whole agent ids (default: 80 characters "
+                             "wide, ids cut to 12 characters)")
     status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
                         metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(handler=cmd_status)
 
     history = subcommands.add_parser("history", help="plot one agent's load, memory and VRAM")
-    history.add_argument("agent", metavar="AGENT", help="agent id")
+    history.add_argument("agent", metavar="AGENT",
+                         help="agent id, hostname or a unique prefix of the id")
     history.add_argument("--png", type=Path, metavar="PATH",
                          help="write a PNG instead (needs matplotlib)")
     history.add_argument("--width", type=int, default=60, help="sparkline width (characters)")
@@ -104,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if args.watch is not None and args.watch <= 0:
         raise ChiffonError("--watch needs a positive number of seconds")
-    with Registry.from_config(Config()) as registry:
+    with Registry.from_config(Config(), read_only=True) as registry:
         if args.watch is None:
             _print_status(registry, args)
             return EXIT_OK
@@ -125,7 +130,10 @@ def _print_status(registry: Registry, args: argparse.Namespace) -> None:
     agents decoding and indenting took most of the command's time)."""
     now = time.time()
     if not args.json:
-        emit(render_status(registry.agents(args.pool), now))
+        records = registry.agents(args.pool)
+        pools = sorted({r.pool for r in registry.agents()}) if args.pool and not records \
+            else []
+        emit(render_status(records, now, pool=args.pool, pools=pools, wide=args.wide))
     elif sys.stdout.isatty():
         records = registry.agents(args.pool, with_snapshot=True)
         emit(json.dumps([status_object(r, now) for r in records], indent=2))
@@ -143,11 +151,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     if args.width < 10:
         raise ChiffonError("--width must be at least 10")
-    with Registry.from_config(Config()) as registry:
-        record = registry.agent(args.agent, with_snapshot=False)
-        if record is None:
-            raise ChiffonError(f"no agent {args.agent!r} in the registry")
-        points = registry.history(args.agent)
+    with Registry.from_config(Config(), read_only=True) as registry:
+        record = registry.agent(args.agent, with_snapshot=False) \
+            or resolve_agent(registry.agents(), args.agent)
+        points = registry.history(record.agent_id)
     title = f"{record.agent_id} ({record.hostname}, pool {record.pool})"
     if args.png:
         if not points:

@@ -115,10 +115,42 @@ def status_row(record: AgentRecord, now: float) -> list[str]:
             *(column.cell(record) for column in METRIC_COLUMNS)]
 
 
-def render_status(records: Sequence[AgentRecord], now: float) -> str:
-    """The ``chiffon status`` table with a one-line summary."""
+#: Table width ``chiffon status`` keeps to without ``--wide`` (characters).
+NARROW_WIDTH = 80
+#: Characters of an agent id shown without ``--wide`` (as ``docker ps`` shows ids).
+SHORT_ID = 12
+#: Columns left out, in this order, until the table fits ``NARROW_WIDTH``.
+DROP_ORDER = ("FOREIGN", "LOAD", "POOL", "GPU", "HOST")
+
+
+def render_status(records: Sequence[AgentRecord], now: float, *, pool: str | None = None,
+                  pools: Sequence[str] = (), wide: bool = False) -> str:
+    """The ``chiffon status`` table with a one-line summary; ``pool``: the filter asked
+    for, ``pools``: the pools the registry knows (to say when the filter matched none).
+
+    Without ``wide`` the table keeps to ``NARROW_WIDTH`` characters: agent ids show their
+    first ``SHORT_ID`` characters (any unique prefix names an agent in other commands),
+    and columns go in ``DROP_ORDER`` until it fits; the summary says which."""
+    if not records and pool is not None and pools:
+        return f"no agents in pool {pool}; pools: {', '.join(pools)}"
     if not records:
         return NO_AGENTS
     online = sum(1 for r in records if r.liveness(now) == "online")
-    table = render_table(TABLE_HEADERS, (status_row(r, now) for r in records))
-    return f"{table}\n\n{online} of {len(records)} agents online"
+    rows = [status_row(r, now) for r in records]
+    headers = list(TABLE_HEADERS)
+    dropped: list[str] = []
+    if not wide:
+        rows = [[row[0][:SHORT_ID], *row[1:]] for row in rows]
+        for name in DROP_ORDER:
+            if _width(render_table(headers, rows)) <= NARROW_WIDTH:
+                break
+            at = headers.index(name)
+            headers.pop(at)
+            rows = [[*row[:at], *row[at + 1:]] for row in rows]
+            dropped.append(name.split()[0].lower())
+    note = f" ({', '.join(dropped)}: --wide)" if dropped else ""
+    return f"{render_table(headers, rows)}\n\n{online} of {len(records)} agents online{note}"
+
+
+def _width(table: str) -> int:
+    return max(len(line) for line in table.splitlines())

@@ -225,7 +225,7 @@ def check_pool_online(config: Config, pool: str) -> None:
         from chiffon_worker.orchestrator.pools import check_pool
         from chiffon_worker.orchestrator.registry import Registry
 
-    with Registry.from_config(config) as registry:
+    with Registry.from_config(config, read_only=True) as registry:
         records = registry.agents()
     try:
         check_pool(records, pool, time.time())

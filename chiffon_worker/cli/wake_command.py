@@ -45,7 +45,7 @@ def cmd_wake(args: argparse.Namespace) -> int:
         from chiffon_worker.orchestrator.registry import Registry
 
     config = Config()
-    with Registry.from_config(config) as registry:
+    with Registry.from_config(config, read_only=True) as registry:
         record = resolve_agent(registry.agents(), args.agent)
     stored = record.metrics.get("mac_address")
     if not stored:

@@ -36,7 +36,7 @@ def cmd_work(args: argparse.Namespace) -> int:
 
     now = time.time()
     since = None if args.ended is None else now - args.ended
-    with Registry.from_config(Config()) as registry:
+    with Registry.from_config(Config(), read_only=True) as registry:
         work = registry.work(ended_since=since)
         hostnames = {r.agent_id: r.hostname for r in registry.agents()}
     if args.json:

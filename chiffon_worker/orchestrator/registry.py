@@ -237,6 +237,16 @@ def _prepare_sqlite(url: str) -> None:
                             f"{exc.strerror or exc}") from None
 
 
+def _check_sqlite_exists(url: str) -> None:
+    """A SQLite registry opened to read must exist (connecting would create the file)."""
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:") \
+            and not Path(database).expanduser().is_file():
+        raise RegistryError(f"no registry at {Path(database).expanduser()}: none was written "
+                            "there yet (the orchestrator creates it: is `chiffon orchestrator` "
+                            "running with this state_dir or database_url?)")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -255,7 +265,8 @@ class Registry:
     """
 
     def __init__(self, url: str, *, schema: str | None = None,
-                 history_points: int = DEFAULT_HISTORY_POINTS) -> None:
+                 history_points: int = DEFAULT_HISTORY_POINTS, read_only: bool = False
+                 ) -> None:
         if history_points < 1:
             raise ValueError("history_points must be at least 1")
         self.url = url
@@ -270,25 +281,32 @@ class Registry:
         self.dialect = backend
         self._upsert_cache: dict[str, str] = {}
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
+        #: opened only to read: nothing is created, migrated or altered
+        self.read_only = read_only
+        if read_only and backend == "sqlite":
+            _check_sqlite_exists(url)
         self._engine = self._create_engine(url, backend)
         try:
-            self._migrate()
+            self._check_readable() if read_only else self._migrate()
         except BaseException:
             self._engine.dispose()
             raise
 
     @classmethod
-    def from_config(cls, config: Config) -> Registry:
-        """The registry at ``config.effective_database_url``."""
-        return cls(config.effective_database_url)
+    def from_config(cls, config: Config, *, read_only: bool = False) -> Registry:
+        """The registry at ``config.effective_database_url`` (``read_only``: for the
+        commands that only read it; one that does not exist is an error, not made)."""
+        return cls(config.effective_database_url, read_only=read_only)
 
     def _create_engine(self, url: str, backend: str) -> Engine:
         try:
             if backend == "sqlite":
-                _prepare_sqlite(url)
+                if not self.read_only:
+                    _prepare_sqlite(url)
                 engine = create_engine(
                     url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_SECONDS})
-                event.listen(engine, "connect", _sqlite_pragmas)
+                if not self.read_only:  # WAL is the writer's choice, made when it creates
+                    event.listen(engine, "connect", _sqlite_pragmas)
             elif backend == "postgresql":
                 engine = create_engine(
                     url, pool_pre_ping=True,
@@ -351,6 +369,26 @@ class Registry:
                     f"chiffon understands ({sql_schema.SCHEMA_VERSION}); upgrade chiffon")
             elif current < sql_schema.SCHEMA_VERSION:
                 self._upgrade(conn, current)
+
+    def _check_readable(self) -> None:
+        """A registry opened to read must be a chiffon registry of this schema."""
+        with self._transaction("read") as conn:
+            if not inspect(conn).has_table(sql_schema.schema_version.name,
+                                           schema=self.schema):
+                raise RegistryError(f"{self.masked_url} is not a chiffon registry (it has no "
+                                    f"{sql_schema.schema_version.name} table); check "
+                                    "database_url and state_dir")
+            current = conn.execute(
+                select(func.max(sql_schema.schema_version.c.version))).scalar() or 0
+        if current > sql_schema.SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.masked_url} has schema version {current}, newer than this "
+                f"chiffon understands ({sql_schema.SCHEMA_VERSION}); upgrade chiffon")
+        if current < sql_schema.SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.masked_url} has schema version {current}, older than this "
+                f"chiffon reads ({sql_schema.SCHEMA_VERSION}); start this version's `chiffon "
+                "orchestrator` once (it upgrades the registry in place)")
 
     def _upgrade(self, conn: Connection, current: int) -> None:
         """Migrate from ``current`` to :data:`sql_schema.SCHEMA_VERSION` in the caller's

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -153,7 +154,7 @@ def filled_state(cli_env: dict[str, str]) -> str:
 
 def test_status_prints_a_table_and_filters_by_pool(
         filled_state: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status"]) == 0
+    assert main(["status", "--wide"]) == 0
     out = capsys.readouterr().out
     header, desk, rig = out.splitlines()[:3]
     assert header.split() == ["AGENT", "HOST", "POOL", "STATE", "AGE", "CORES", "LOAD",
@@ -178,7 +179,7 @@ def test_status_shows_gpu_health_unknown_vram_and_foreign_gpu_use(
                                       gpu_vram_known=False, gpu_health="ok"),
                         received_at=time.time())
         feeder.commit()
-    assert main(["status"]) == 0
+    assert main(["status", "--wide"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:3]}
     assert "nvidia degraded" in rows["gamer"] and rows["gamer"].endswith("1 (6.2 GiB)")
     assert "?/0.0" in rows["laptop"] and rows["laptop"].endswith("-")
@@ -333,3 +334,67 @@ def test_sparklines_average_time_buckets_and_leave_offline_stretches_blank() -> 
     assert bucket_means(times, [1.0, 3.0, 5.0, 5.0, 8.0], 5) == [2.0, 5.0, None, None, 8.0]
     assert sparkline([0.0, 4.0, None, 8.0]) == "▁▅ █"
     assert sparkline([0.0, 0.0]) == "▁▁"
+
+
+def test_status_fits_80_columns_with_short_ids_and_says_what_wide_adds(
+        cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{Path(cli_env['CHIFFON_STATE_DIR']) / 'registry.sqlite3'}"
+    agent_id = "3f2a9c1d-8b7e-5c4d-9e0f-1a2b3c4d5e6f"
+    with Registry(url) as registry:
+        feeder = Feeder(registry)
+        feeder.snapshot(make_snapshot(agent_id, hostname="gaming-desktop-upstairs",
+                                      pool="gpu_rigs_basement"), received_at=time.time())
+        feeder.commit()
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert lines[1].startswith("3f2a9c1d-8b7 ")
+    assert lines[-1].startswith("1 of 1 agents online (") and lines[-1].endswith(": --wide)")
+    assert main(["status", "--wide"]) == 0
+    assert agent_id in capsys.readouterr().out
+
+
+def test_status_says_when_the_pool_filter_matched_nothing(
+        filled_state: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--pool", "nope"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "no agents in pool nope; pools: desktop_pool_1, gpu_rigs")
+
+
+def test_status_without_a_registry_names_the_path_and_creates_nothing(
+        cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(cli_env["CHIFFON_STATE_DIR"]) / "registry.sqlite3"
+    assert main(["status"]) == 1
+    assert f"chiffon: error: no registry at {path}: " in capsys.readouterr().err
+    assert not path.parent.exists()
+
+
+def test_status_on_another_programs_database_leaves_it_untouched(
+        cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "photos.sqlite3"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY)")
+    os.environ["CHIFFON_DATABASE_URL"] = f"sqlite:///{other}"  # restored by clean_env
+    assert main(["status"]) == 1
+    assert "is not a chiffon registry" in capsys.readouterr().err
+    with sqlite3.connect(other) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["photos"]
+
+
+def test_status_watch_into_a_closed_pipe_ends_quietly(filled_state: str,
+                                                      cli_env: dict[str, str]) -> None:
+    watch = subprocess.Popen([*CHIFFON, "status", "--watch", "0.2"], env=cli_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert watch.stdout is not None and watch.stderr is not None
+    watch.stdout.readline()
+    watch.stdout.close()  # as `| head -1` does
+    assert watch.wait(timeout=30) == 0
+    assert watch.stderr.read() == b""
+
+
+@pytest.mark.parametrize("name", ["host-desk-1", "desk"])
+def test_history_takes_a_hostname_or_an_id_prefix(
+        filled_state: str, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    assert main(["history", name, "--width", "20"]) == 0
+    assert capsys.readouterr().out.startswith("desk-1 (host-desk-1, pool desktop_pool_1)")

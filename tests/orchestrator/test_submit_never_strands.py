@@ -21,6 +21,7 @@ import pytest
 from kombu.connection import Connection
 
 from chiffon_worker.cli import main
+from chiffon_worker.config import Config
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.orchestrator.routing import work_queue
 from chiffon_worker.protocol import MAX_MESSAGE_BYTES
@@ -117,8 +118,20 @@ def test_a_pool_whose_agents_are_all_offline_is_refused_too(
     assert vhost_queues(vhost_url) == []
 
 
+def test_no_registry_yet_says_the_orchestrator_must_be_running_and_makes_none(
+        env: dict[str, str], vhost_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", "echo", "{}", "--pool", "desktop_pool_1"]) == 1
+    message = one_error_line(capsys.readouterr().err)
+    path = Path(env["CHIFFON_STATE_DIR"]) / "registry.sqlite3"
+    assert message.startswith(f"no registry at {path}: none was written there yet")
+    assert "`chiffon orchestrator` running" in message
+    assert not path.exists()
+    assert vhost_queues(vhost_url) == []
+
+
 def test_an_empty_registry_says_the_orchestrator_must_be_running_to_fill_it(
         env: dict[str, str], vhost_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    Registry.from_config(Config()).close()  # made by an orchestrator that heard nobody yet
     assert main(["submit", "echo", "{}", "--pool", "desktop_pool_1"]) == 1
     message = one_error_line(capsys.readouterr().err)
     assert message.startswith("no online agent in pool desktop_pool_1: the registry has no "
