@@ -25,6 +25,11 @@ class ChiffonError(Exception):
     """Base of every deliberate chiffon error; ``str()`` is a complete one-line message."""
 
 
+class MissingExtra(ChiffonError):
+    """A command needs an optional part of chiffon that is not installed (exit status 2:
+    the installation, like the configuration, is what to fix)."""
+
+
 class WorkHandedBack(ChiffonError):
     """Running work stopped to go back to the pool queue (the owner rules asked)."""
 

@@ -35,6 +35,7 @@ from chiffon_worker.errors import (
     BrokerLoginRefused,
     ChiffonError,
     ConfigError,
+    MissingExtra,
     one_line,
 )
 
@@ -62,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def exit_status(exc: ChiffonError) -> int:
-    """The exit status for ``exc``: ``EXIT_CONFIG`` (2) when the configuration is at fault
-    (a ConfigError, a broker that refuses the login), else ``EXIT_ERROR`` (1)."""
-    return EXIT_CONFIG if isinstance(exc, ConfigError | BrokerLoginRefused) else EXIT_ERROR
+    """The exit status for ``exc``: ``EXIT_CONFIG`` (2) when the configuration or the
+    installation is at fault (a ConfigError, a broker that refuses the login, a missing
+    extra), else ``EXIT_ERROR`` (1)."""
+    return EXIT_CONFIG if isinstance(exc, ConfigError | BrokerLoginRefused | MissingExtra) \
+        else EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

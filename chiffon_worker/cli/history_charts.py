@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chiffon_worker.cli.output import format_age
-from chiffon_worker.errors import ChiffonError
+from chiffon_worker.errors import ChiffonError, MissingExtra
 from chiffon_worker.snapshot import HISTORY_FIELDS
 
 if TYPE_CHECKING:
@@ -85,12 +85,13 @@ def render_history(title: str, points: Sequence[HistoryPoint], width: int = 60) 
 
 
 def save_png(title: str, points: Sequence[HistoryPoint], path: Path) -> None:
-    """Plot the series to ``path`` with matplotlib (optional; ChiffonError if absent)."""
+    """Plot the series to ``path`` with matplotlib (optional; MissingExtra if absent)."""
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
-        raise ChiffonError("--png needs matplotlib (pip install matplotlib); "
-                           "without it, omit --png for a terminal chart") from None
+        raise MissingExtra("--png needs matplotlib, in the png extra: pip install "
+                           "'chiffon-worker[png]'; without it, omit --png for a terminal "
+                           "chart") from None
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
     figure, axes = pyplot.subplots(len(SERIES), 1, sharex=True, figsize=(10, 8))

@@ -258,8 +258,8 @@ def test_history_png_needs_matplotlib_or_says_so(
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert code == 1
-        assert "--png needs matplotlib" in capsys.readouterr().err
+        assert code == 2
+        assert "pip install 'chiffon-worker[png]'" in capsys.readouterr().err
     else:
         assert code == 0
         assert target.read_bytes().startswith(b"\x89PNG")
@@ -302,7 +302,7 @@ def test_status_watch_refreshes_until_interrupted(
 #: Runs ``chiffon`` with the orchestrator extra's modules unimportable, as on a base install.
 _WITHOUT_EXTRA = (
     "import sys\n"
-    "for name in ('sqlalchemy', 'psycopg', 'prometheus_client'):\n"
+    "for name in ('sqlalchemy', 'psycopg', 'prometheus_client', 'orjson'):\n"
     "    sys.modules[name] = None\n"
     "from chiffon_worker.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
@@ -320,11 +320,13 @@ def test_agent_commands_work_without_the_orchestrator_extra(cli_env: dict[str, s
     metrics = chiffon("metrics", "--json")
     assert metrics.returncode == 0, metrics.stderr
     assert json.loads(metrics.stdout)["agent_id"]
-    status = chiffon("status")
-    assert status.returncode == 1
-    assert status.stderr == ("chiffon: error: chiffon status needs the orchestrator extra "
-                             "(sqlalchemy is not installed): "
-                             "pip install 'chiffon-worker[orchestrator]'\n")
+    for command in ("status", "orchestrator", "history"):
+        refused = chiffon(command, *(["desk-1"] if command == "history" else []))
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"chiffon: error: chiffon {command} needs the "
+                                         "orchestrator extra (")
+        assert refused.stderr.endswith("): pip install 'chiffon-worker[orchestrator]'\n")
+        assert refused.stderr.count("\n") == 1
 
 
 def test_sparklines_average_time_buckets_and_leave_offline_stretches_blank() -> None:
