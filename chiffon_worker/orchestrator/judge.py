@@ -149,7 +149,8 @@ class _AgentMemory:
     """Per-agent state the judge needs between heartbeats."""
 
     __slots__ = ("first_seen", "history_count", "hostname", "interval", "last_received",
-                 "missed", "missed_seqs", "past_json", "restarts", "seq", "skewed")
+                 "missed", "missed_seqs", "past_json", "restarts", "seq", "skew_warned",
+                 "skewed")
 
     def __init__(self, seq: liveness.SeqState, *, first_seen: float, restarts: int, missed: int,
                  history_count: int, skewed: bool, hostname: str, last_received: float,
@@ -163,6 +164,7 @@ class _AgentMemory:
         self.missed = missed
         self.history_count = history_count
         self.skewed = skewed
+        self.skew_warned = False  # the clock-skew warning was logged and still holds
         self.past_json = json.dumps(list(seq.past_boot_ids))
         #: sequence numbers of the current process counted missed (newest last)
         self.missed_seqs = list(missed_seqs)
@@ -354,14 +356,20 @@ class HeartbeatJudge:
 
     def _note_skew(self, memory: _AgentMemory, agent_id: str, skew: float | None,
                    now: float) -> None:
+        """Count a skewed heartbeat; warn once the skew is a clock's, not a queue's: a clock
+        ahead at once (a message cannot arrive before it was taken), one behind only on the
+        second heartbeat in a row (one that merely waited in the queue, as after an
+        orchestrator restart, is followed by fresh ones)."""
         if skew is not None:
             self.stats.clock_skewed += 1
-            if not memory.skewed:
+            if (skew > 0 or memory.skewed) and not memory.skew_warned:
+                memory.skew_warned = True
                 self._log.log(logging.WARNING, "skew", now,
-                              "agent %s: clock off by %+.1f s (collected_at vs receipt; "
-                              "or the message waited that long in the queue); liveness "
-                              "uses the receipt time", agent_id, skew)
-        elif memory.skewed:
+                              "agent %s: clock off by %+.1f s (collected_at vs receipt%s); "
+                              "liveness uses the receipt time", agent_id, skew,
+                              "" if skew > 0 else ", two heartbeats in a row")
+        elif memory.skew_warned:
+            memory.skew_warned = False
             self._log.log(logging.INFO, "unskew", now,
                           "agent %s: clock skew back within bounds", agent_id)
         memory.skewed = skew is not None

@@ -183,6 +183,37 @@ def test_a_superseded_boot_takes_over_once_the_superseder_went_silent(
     assert (record.boot_id, record.hostname) == ("live", "rig")
 
 
+def skew_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "clock off by" in r.getMessage()]
+
+
+def test_a_heartbeat_that_waited_in_the_queue_warns_of_no_clock_skew(
+        ingestor: Feeder, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="chiffon_worker.orchestrator.judge")
+    now = time.time()
+    judge(ingestor, task_body(make_snapshot(seq=1, collected_at=now - 49)), received_at=now)
+    judge(ingestor, task_body(make_snapshot(seq=2, collected_at=now + 0.5)),
+          received_at=now + 1)
+    assert skew_warnings(caplog) == []
+    assert ingestor.stats.clock_skewed == 1
+
+
+def test_a_clock_behind_warns_on_its_second_heartbeat_and_one_ahead_at_once(
+        ingestor: Feeder, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="chiffon_worker.orchestrator.judge")
+    now = time.time()
+    for seq in (1, 2, 3):
+        judge(ingestor, task_body(make_snapshot(seq=seq, collected_at=now + seq * 30 - 60)),
+              received_at=now + seq * 30)
+    judge(ingestor, task_body(make_snapshot("ahead", seq=1, collected_at=now + 90)),
+          received_at=now)
+    assert skew_warnings(caplog) == [
+        "agent agent-00: clock off by -60.0 s (collected_at vs receipt, two heartbeats in a "
+        "row); liveness uses the receipt time",
+        "agent ahead: clock off by +90.0 s (collected_at vs receipt); liveness uses the "
+        "receipt time"]
+
+
 def test_gaps_count_the_missed_sequence_numbers(ingestor: Feeder) -> None:
     for seq in (1, 2, 5, 6, 10):
         judge(ingestor, task_body(make_snapshot(seq=seq)))
