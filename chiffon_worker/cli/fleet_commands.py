@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chiffon_worker.cli.command_types import Subcommands
-from chiffon_worker.cli.history_charts import render_history, save_png
+from chiffon_worker.cli.history_charts import TOTALS, render_history, save_png
 from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
 from chiffon_worker.cli.output import emit, json_array
 from chiffon_worker.cli.status_table import render_status
@@ -159,8 +159,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.png:
         if not points:
             raise ChiffonError(f"{title} has no history yet")
-        save_png(title, points, args.png)
+        save_png(title, points, args.png,
+                 totals=[_number(record.metrics.get(name)) for name in TOTALS],
+                 interval_seconds=record.heartbeat_interval_seconds)
         emit(f"wrote {args.png}")
     else:
         emit(render_history(title, points, args.width))
     return EXIT_OK
+
+
+def _number(value: object) -> float | None:
+    """A stored total as a float (None: not a number, e.g. unknown)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None

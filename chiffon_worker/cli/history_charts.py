@@ -4,14 +4,21 @@ Sparklines are time-bucketed: each character covers an equal slice of the time s
 shows the mean of the points in it (blank where there were none, e.g. while the agent
 was offline); with fewer points than columns, the chart is as wide as the point count.
 Each row is scaled from 0 to its own maximum.
+
+The PNG has wall-clock time on its x-axis, shades the stretches where the agent sent
+nothing for more than :data:`OFFLINE_INTERVALS` of its heartbeat intervals (its lines
+break there), and draws each series from 0 to the machine's total (cores, memory, VRAM;
+load against the cores), or to the series' own maximum where that is higher.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import operator
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,43 @@ BLOCKS = "▁▂▃▄▅▆▇█"
 SERIES: tuple[tuple[str, str, Callable[[HistoryPoint], float]], ...] = tuple(
     (field.label, field.unit_suffix, operator.attrgetter(field.name))
     for field in HISTORY_FIELDS)
+#: The field holding the machine's total of each series (a need's total; load: cores).
+TOTALS: tuple[str, ...] = tuple(field.need.total if field.need else "cpu_cores_physical"
+                                for field in HISTORY_FIELDS)
+#: A silence longer than this many heartbeat intervals is shaded as offline.
+OFFLINE_INTERVALS = 2.5
+
+
+def offline_spans(times: Sequence[float], interval_seconds: float
+                  ) -> list[tuple[float, float]]:
+    """(from, to) of each silence between consecutive points longer than
+    ``OFFLINE_INTERVALS`` heartbeat intervals (unix seconds)."""
+    limit = interval_seconds * OFFLINE_INTERVALS
+    return [(earlier, later) for earlier, later in itertools.pairwise(times)
+            if later - earlier > limit]
+
+
+def broken_at_gaps(times: Sequence[float], values: Sequence[float],
+                   gaps: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """``times`` and ``values`` with a NaN point inside each gap, so a plotted line breaks
+    there instead of bridging the silence."""
+    starts = {start for start, _ in gaps}
+    xs: list[float] = []
+    ys: list[float] = []
+    for moment, value in zip(times, values, strict=True):
+        xs.append(moment)
+        ys.append(value)
+        if moment in starts:
+            xs.append(moment)
+            ys.append(float("nan"))
+    return xs, ys
+
+
+def y_top(values: Sequence[float], total: float | None) -> float:
+    """Where a series' y-axis ends: the machine's ``total``, or the values' maximum where
+    that is higher (1 for an all-zero series without a total: it still gets an axis)."""
+    top = max([*values, total or 0.0])
+    return top if top > 0 else 1.0
 
 
 def bucket_means(times: Sequence[float], values: Sequence[float], width: int
@@ -84,8 +128,12 @@ def render_history(title: str, points: Sequence[HistoryPoint], width: int = 60) 
     return "\n".join(lines)
 
 
-def save_png(title: str, points: Sequence[HistoryPoint], path: Path) -> None:
-    """Plot the series to ``path`` with matplotlib (optional; MissingExtra if absent)."""
+def save_png(title: str, points: Sequence[HistoryPoint], path: Path, *,
+             totals: Sequence[float | None] = (), interval_seconds: float = 30.0) -> None:
+    """Plot the series to ``path`` with matplotlib (optional; MissingExtra if absent).
+
+    ``totals``: the machine's total of each series (in ``SERIES`` order; None: unknown);
+    ``interval_seconds``: the agent's heartbeat interval (for the offline shading)."""
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
@@ -95,11 +143,21 @@ def save_png(title: str, points: Sequence[HistoryPoint], path: Path) -> None:
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
     figure, axes = pyplot.subplots(len(SERIES), 1, sharex=True, figsize=(10, 8))
-    times = [p.received_at - points[-1].received_at for p in points] if points else []
-    for axis, (label, unit, value_of) in zip(axes, SERIES, strict=True):
-        axis.plot(times, [value_of(p) for p in points])
+    times = [p.received_at for p in points]
+    gaps = offline_spans(times, interval_seconds)
+    for index, (axis, (label, unit, value_of)) in enumerate(zip(axes, SERIES, strict=True)):
+        values = [value_of(p) for p in points]
+        xs, ys = broken_at_gaps(times, values, gaps)
+        axis.plot([datetime.fromtimestamp(x) for x in xs], ys,
+                  marker="." if len(points) < 50 else "")
+        for start, end in gaps:
+            axis.axvspan(datetime.fromtimestamp(start), datetime.fromtimestamp(end),
+                         color="0.85", label="offline")
+        total = totals[index] if index < len(totals) else None
+        axis.set_ylim(0, y_top(values, total))
         axis.set_ylabel(label + unit)
-    axes[-1].set_xlabel("seconds before the newest heartbeat")
+    axes[-1].set_xlabel("local time (shaded: no heartbeat, the agent was offline)")
+    figure.autofmt_xdate()
     figure.suptitle(title)
     try:
         figure.savefig(path)

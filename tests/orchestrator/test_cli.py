@@ -400,3 +400,17 @@ def test_history_takes_a_hostname_or_an_id_prefix(
         filled_state: str, capsys: pytest.CaptureFixture[str], name: str) -> None:
     assert main(["history", name, "--width", "20"]) == 0
     assert capsys.readouterr().out.startswith("desk-1 (host-desk-1, pool desktop_pool_1)")
+
+
+def test_the_png_shades_silences_breaks_lines_there_and_draws_from_zero_to_the_total() -> None:
+    import math
+
+    from chiffon_worker.cli.history_charts import broken_at_gaps, offline_spans, y_top
+
+    times = [0.0, 30.0, 60.0, 600.0, 630.0]
+    assert offline_spans(times, 30.0) == [(60.0, 600.0)]
+    xs, ys = broken_at_gaps(times, [1.0, 2.0, 3.0, 4.0, 5.0], [(60.0, 600.0)])
+    assert xs == [0.0, 30.0, 60.0, 60.0, 600.0, 630.0]
+    assert math.isnan(ys[3]) and ys[:3] == [1.0, 2.0, 3.0] and ys[4:] == [4.0, 5.0]
+    assert (y_top([0.99, 1.0, 1.01], 16.0), y_top([20.0], 16.0), y_top([0.0], None)) == (
+        16.0, 20.0, 1.0)
