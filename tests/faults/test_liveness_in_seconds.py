@@ -131,8 +131,8 @@ def test_chiffon_status_shows_the_same_liveness_as_the_registry(fleet: Fleet) ->
     assert shown.returncode == 0, shown.stderr
     entry = {e["agent_id"]: e for e in json.loads(shown.stdout)}[agent.agent_id]
     assert (entry["liveness"], entry["state"]) == ("lost", "offline")
-    table = subprocess.run([str(CHIFFON), "status"], env=fleet.env, capture_output=True,
-                           text=True, timeout=60, check=False)
+    table = subprocess.run([str(CHIFFON), "status", "--wide"], env=fleet.env,
+                           capture_output=True, text=True, timeout=60, check=False)
     row = next(line for line in table.stdout.splitlines() if line.startswith(agent.agent_id))
     assert " lost " in row
 

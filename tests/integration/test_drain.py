@@ -206,7 +206,7 @@ def test_status_shows_a_drained_agent_as_drained(lab: Lab) -> None:
     assert lab.chiffon("drain", lab.agent_id).returncode == 0
 
     def row() -> str | None:
-        table = lab.chiffon("status").stdout
+        table = lab.chiffon("status", "--wide").stdout
         line = next((x for x in table.splitlines() if x.startswith(lab.agent_id)), "")
         return line if " drained " in line else None
 

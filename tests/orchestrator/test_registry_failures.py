@@ -88,8 +88,8 @@ def test_a_read_only_state_dir_is_a_one_line_error_from_the_cli() -> None:
     assert done.returncode == 1, done
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("chiffon: error: cannot open registry sqlite:///")
-    assert "writable" in lines[0]
+    # status only reads: in a state dir it cannot write it makes nothing and says so
+    assert lines[0].startswith(f"chiffon: error: no registry at {state}")
 
 
 def test_writing_to_a_read_only_database_is_a_registry_error_and_reads_still_work(
