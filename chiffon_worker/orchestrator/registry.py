@@ -372,7 +372,7 @@ class Registry:
 
     def _check_readable(self) -> None:
         """A registry opened to read must be a chiffon registry of this schema."""
-        with self._transaction("read") as conn:
+        with self._transaction("open") as conn:
             if not inspect(conn).has_table(sql_schema.schema_version.name,
                                            schema=self.schema):
                 raise RegistryError(f"{self.masked_url} is not a chiffon registry (it has no "

@@ -188,6 +188,7 @@ def test_the_worker_event_listener_ends_and_reports_a_refused_login(
 @pytest.mark.integration
 def test_status_reads_only_the_registry_so_a_wrong_broker_password_does_not_matter(
         rabbitmq_url: str, env: dict[str, str]) -> None:
+    Registry(f"sqlite:///{Path(env['CHIFFON_STATE_DIR']) / 'registry.sqlite3'}").close()
     done = chiffon(env, WRONG_PASSWORD_URL, "status", "--json")
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("[]\n", "")
