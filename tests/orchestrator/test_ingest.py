@@ -203,12 +203,13 @@ def test_a_clock_behind_warns_on_its_second_heartbeat_and_one_ahead_at_once(
     caplog.set_level("WARNING", logger="chiffon_worker.orchestrator.judge")
     now = time.time()
     for seq in (1, 2, 3):
-        judge(ingestor, task_body(make_snapshot(seq=seq, collected_at=now + seq * 30 - 60)),
+        judge(ingestor, task_body(make_snapshot("behind", seq=seq,
+                                                collected_at=now + seq * 30 - 60)),
               received_at=now + seq * 30)
     judge(ingestor, task_body(make_snapshot("ahead", seq=1, collected_at=now + 90)),
           received_at=now)
     assert skew_warnings(caplog) == [
-        "agent agent-00: clock off by -60.0 s (collected_at vs receipt, two heartbeats in a "
+        "agent behind: clock off by -60.0 s (collected_at vs receipt, two heartbeats in a "
         "row); liveness uses the receipt time",
         "agent ahead: clock off by +90.0 s (collected_at vs receipt); liveness uses the "
         "receipt time"]
