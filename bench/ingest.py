@@ -56,13 +56,11 @@ import random
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +70,8 @@ from kombu.connection import Connection
 # must first put the tree it measures (the baseline's or this one) on sys.path.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.trees import baseline_tree  # noqa: E402
 
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import Registry
@@ -596,25 +596,10 @@ def measure_steps() -> dict[str, Any]:
             "tree": str(Path(chiffon_worker.__file__).parent.parent)}
 
 
-def baseline_tree(rev: str, into: Path) -> Path:
-    """``chiffon_worker`` as of ``rev`` (``git archive``), extracted under ``into``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev,
-                              "chiffon_worker"], capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise SystemExit(f"cannot extract the baseline {rev}: "
-                         f"{archive.stderr.decode(errors='replace').strip()}")
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2),
-            "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
-
-
 def step_costs(baseline_rev: str, runs: int) -> dict[str, Any]:
     """``runs`` alternating before/after runs, each in a fresh process; min/median/max."""
+    from bench.ingest_peers import spread
+
     samples: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="chiffon-baseline-") as workdir:
         trees = {"before": baseline_tree(baseline_rev, Path(workdir)), "after": ROOT}
@@ -642,7 +627,7 @@ def step_costs(baseline_rev: str, runs: int) -> dict[str, Any]:
         before = [s[key] for s in samples["before"]]
         after = [s[key] for s in samples["after"]]
         report[key] = {
-            "before": _spread(before), "after": _spread(after),
+            "before": spread(before, 2), "after": spread(after, 2),
             "after_over_before": {
                 "min": round(min(after) / min(before), 3),
                 "median": round(statistics.median(after) / statistics.median(before), 3)},

@@ -45,13 +45,11 @@ import pty
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fleet import Backend, fill  # noqa: E402
+from bench.trees import baseline_tree  # noqa: E402
 
 if TYPE_CHECKING:
     from chiffon_worker.orchestrator.registry import Registry
@@ -79,19 +78,6 @@ PROMETHEUS_HEADERS = {
 
 
 # -- the trees measured -----------------------------------------------------------------------
-
-def baseline_tree(rev: str, into: Path) -> Path:
-    """``chiffon_worker`` as of ``rev`` (``git archive``), extracted under ``into``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev,
-                              "chiffon_worker"], capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise SystemExit(f"cannot extract the baseline {rev}: "
-                         f"{archive.stderr.decode(errors='replace').strip()}")
-    into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
 
 # -- the measures ------------------------------------------------------------------------------
 
