@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -74,6 +75,8 @@ _PG_CONNECT_TIMEOUT_SECONDS = 10
 METRIC_NAMES: frozenset[str] = frozenset(f.name for f in STORED_METRICS)
 #: Snapshot keys the registry keeps a history of, in column order.
 HISTORY_NAMES: tuple[str, ...] = tuple(f.name for f in HISTORY_FIELDS)
+#: A history point's receipt time (a sort key).
+_RECEIVED_AT = operator.attrgetter("received_at")
 #: Where a drained agent stands: still finishing work (or not yet told), or idle and out.
 DrainState = Literal["draining", "drained"]
 
@@ -661,6 +664,24 @@ class Registry:
         return [HistoryPoint(row[0], dict(zip(HISTORY_NAMES, row[1:], strict=True)))
                 for row in rows]
 
+    def history_since(self, since: float) -> dict[str, list[HistoryPoint]]:
+        """Every agent's stored points received at or after ``since`` (unix s), oldest
+        first, by agent id: one query for the whole fleet (the fleet page's sparklines;
+        :meth:`history` once per agent took 3 s at 1,000 agents with full rings, this
+        0.4 s)."""
+        h = sql_schema.history
+        query = (select(h.c.agent_id, h.c.received_at, *(h.c[name] for name in HISTORY_NAMES))
+                 .where(h.c.received_at >= since, h.c.slot < self.history_points))
+        with self._transaction("read") as conn:
+            rows = conn.execute(query).all()
+        found: dict[str, list[HistoryPoint]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(
+                HistoryPoint(row[1], dict(zip(HISTORY_NAMES, row[2:], strict=True))))
+        for points in found.values():  # sorted here: half the time of ORDER BY in SQLite
+            points.sort(key=_RECEIVED_AT)
+        return found
+
 
     # -- placements and work ---------------------------------------------------------------
 
@@ -716,9 +737,9 @@ class Registry:
             # one row and joins it to every agent in a nested loop (measured 166 ms at
             # 10,000 agents and 185 holders, against 8 ms hashed).
             conn.execute(text("SET LOCAL enable_nestloop = off"))
-        offset = 0
+        offset, page = 0, _FIRST_CANDIDATES
         while True:
-            ids = [row[0] for row in conn.execute(query.offset(offset), params)]
+            ids = [row[0] for row in conn.execute(query.limit(page).offset(offset), params)]
             if not ids:
                 return
             rows = conn.execute(_agents_query(False).where(a.c.agent_id.in_(ids))
@@ -730,9 +751,9 @@ class Registry:
             for agent_id in ids:
                 if agent_id in by_id:
                     yield _record(by_id[agent_id]), holding.get(agent_id, [])
-            if len(ids) < _CANDIDATE_BATCH:
+            if len(ids) < page:
                 return
-            offset += _CANDIDATE_BATCH
+            offset, page = offset + page, _CANDIDATE_BATCH
 
     def _ranking_query(self, by_pool: bool, needs: tuple[tuple[str, str, str], ...],
                        not_false: tuple[str, ...], default_rank: str) -> Select[Any]:
@@ -775,7 +796,7 @@ class Registry:
             ratios.append(promisable / amount)
         rank: Any = a.c[default_rank] if not ratios else (
             ratios[0] if len(ratios) == 1 else least(*ratios))
-        return query.order_by(rank.desc(), a.c.agent_id).limit(_CANDIDATE_BATCH)
+        return query.order_by(rank.desc(), a.c.agent_id)
 
     def active_reservations(self, conn: Connection, now: float) -> list[Reservation]:
         """Reservations still holding capacity at ``now`` (unix s), read on ``conn``."""
@@ -866,7 +887,11 @@ class Registry:
         return int(result.rowcount or 0)
 
 
-#: Candidate agents read from the database at a time while placing.
+#: Candidate agents read first while placing: the ranking already holds only agents with
+#: room, so the first nearly always takes the work and reading 64 records (each a row of
+#: ~60 columns made into an AgentRecord) was most of a placement's own time.
+_FIRST_CANDIDATES = 4
+#: Candidate agents read at a time after the first page.
 _CANDIDATE_BATCH = 64
 #: How long work seen only through task events (no placement) is listed as active when
 #: its end is never seen (seconds).

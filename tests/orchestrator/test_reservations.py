@@ -110,6 +110,18 @@ def test_submits_spread_over_the_agents_with_room_and_then_fail_naming_the_holdi
         place(router, "one-too-many")
 
 
+def test_a_placement_reads_past_the_first_candidates_when_they_are_drained(
+        registry: Registry) -> None:
+    feeder = Feeder(registry)
+    for n in range(12):  # card-00 has the most room, card-11 the least
+        feeder.snapshot(make_snapshot(f"card-{n:02d}", vram_total_gb=CARD_GB,
+                                      vram_available_gb=CARD_GB - n), received_at=NOW)
+    feeder.commit()
+    for n in range(10):
+        registry.drain(f"card-{n:02d}", "test", now=NOW)
+    assert place(router_on(registry), "w1") == "card-10"
+
+
 def test_work_that_ends_releases_its_reservation(registry: Registry) -> None:
     router = router_on(two_cards(registry))
     for n in range(2 * PER_CARD):
