@@ -270,7 +270,9 @@ FIELDS: tuple[Field, ...] = (
     # -- intake (schema-3 registry columns): whether the agent takes new pool work
     Field("accepting", "metric", BOOL, "whether the agent consumes its pool queue (false: "
           "an operator drained it; it takes no new pool work, its own queue still works)",
-          label="accepting", required=False, column=Column("boolean")),
+          label="accepting", required=False, column=Column("boolean"),
+          gauge=Gauge("chiffon_agent_accepting", "1 while the agent takes new pool work "
+                      "(0: drained or held by its owner rules)")),
     Field("accepting_reason", "metric", TEXT, "why accepting is false (drained, or the "
           "owner rules: owner-busy, on-battery, foreign-gpu, gpu-hot, with a detail); null "
           "while accepting", label="accepting reason", nullable=True, required=False,

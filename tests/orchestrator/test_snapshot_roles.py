@@ -18,7 +18,7 @@ from sqlalchemy import BigInteger, Boolean, Float, Integer, String
 from chiffon_worker import snapshot
 from chiffon_worker.orchestrator import exporter, routing, sql_schema
 from chiffon_worker.orchestrator.registry import METRIC_NAMES, AgentRecord, HistoryPoint
-from chiffon_worker.snapshot import FIELDS, Field
+from chiffon_worker.snapshot import BOOL, FIELDS, Field
 
 AGENTS_COLUMNS = {
     "agent_id", "hostname", "pool", "first_seen", "last_seen", "boot_id", "started_at", "seq",
@@ -85,7 +85,7 @@ def test_a_record_answers_unknown_attributes_with_attribute_error() -> None:
 @pytest.mark.parametrize("field", fields_where(lambda f: f.gauge is not None))
 def test_every_gauge_reads_a_stored_number_into_a_distinct_metric(field: Field) -> None:
     assert field.gauge is not None
-    assert field.numeric and field.column is not None
+    assert (field.numeric or field.types == BOOL) and field.column is not None
     assert field.gauge.name.startswith("chiffon_agent_")
     names = [name for _, name, _, _ in exporter._AGENT_GAUGES]
     assert names.count(field.gauge.name) == 1
@@ -100,7 +100,7 @@ def test_gib_gauges_are_exported_in_bytes() -> None:
 @pytest.mark.parametrize("field", fields_where(lambda f: f.need is not None))
 def test_every_need_routes_on_a_stored_number(field: Field) -> None:
     assert field.need is not None
-    assert field.numeric and field.column is not None
+    assert (field.numeric or field.types == BOOL) and field.column is not None
     assert routing.NEEDS[field.need.key].attribute == field.name
 
 
