@@ -14,6 +14,9 @@ and consume the pool queue again. Both answer ``{"ok": text, "pool": name,
 false: the mark could not be written or removed (``error`` says why), the running agent
 obeys anyway.
 
+``inspect conf`` (what Flower's Config tab shows) is replaced by :func:`chiffon_conf`:
+Celery's settings with only secrets masked and no Python reprs (see :mod:`.shown_settings`).
+
 Celery keeps remote-control commands in one process-wide table, so registering twice is
 harmless (the second registration replaces the first with the same function).
 """
@@ -24,6 +27,7 @@ import logging
 import time
 from typing import Any
 
+from celery.utils.serialization import strtobool
 from celery.worker.control import control_command, inspect_command
 
 from chiffon_worker.agents.intake import DRAIN, OWNER
@@ -35,13 +39,23 @@ from chiffon_worker.wire import (
 )
 from chiffon_worker.worker import drain
 from chiffon_worker.worker.runtime import get_agent, get_config
+from chiffon_worker.worker.shown_settings import shown_settings
 
 log = logging.getLogger(__name__)
+
+#: Celery's inspect command that lists a worker's settings (Flower's Config tab).
+CONF_INSPECT_COMMAND = "conf"
 
 
 def chiffon_metrics(state: Any) -> dict[str, Any]:
     """The answer to ``inspect chiffon_metrics``: this agent's snapshot, now."""
     return get_agent().snapshot(heartbeat=False)
+
+
+def chiffon_conf(state: Any, with_defaults: bool = False, **_: Any) -> dict[str, Any]:
+    """The answer to ``inspect conf``: the app's settings (changed ones only, unless
+    ``with_defaults``) as :func:`~.shown_settings.shown_settings` shows them."""
+    return shown_settings(state.app.conf.table(with_defaults=with_defaults, censored=False))
 
 
 def chiffon_drain(state: Any, requested_by: str = "unknown",
@@ -95,6 +109,9 @@ def chiffon_undrain(state: Any, **_: Any) -> dict[str, Any]:
 def register_control_commands() -> None:
     """Add the agent's inspect and control commands to Celery's remote-control table."""
     inspect_command(name=METRICS_INSPECT_COMMAND)(chiffon_metrics)
+    inspect_command(name=CONF_INSPECT_COMMAND, alias="dump_conf",
+                    signature="[include_defaults=False]",
+                    args=[("with_defaults", strtobool)])(chiffon_conf)
     control_command(name=DRAIN_CONTROL_COMMAND, args=[("requested_by", str)],
                     signature="[requested_by]")(chiffon_drain)
     control_command(name=UNDRAIN_CONTROL_COMMAND)(chiffon_undrain)

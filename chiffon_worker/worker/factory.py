@@ -15,7 +15,9 @@ Departures from a stock worker, all made here so that a plain
   the configured ``log_level``, so Flower and ``celery inspect`` name the agent and two
   agents on one host do not share a remote-control queue;
 - the ready line names the broker and the queues the consumer really uses;
-- a drained agent (``<state_dir>/drained``, see :mod:`.drain`) leaves its pool queue out.
+- a drained agent (``<state_dir>/drained``, see :mod:`.drain`) leaves its pool queue out;
+- the ``stats`` reply (Flower's worker page) carries the agent's capacity as
+  ``chiffon_*`` keys (:mod:`.flower_stats`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from chiffon_worker.worker.beat import ThreadedBeat
 from chiffon_worker.worker.consumer import install_ack_lost_filter
 from chiffon_worker.worker.control import register_control_commands
 from chiffon_worker.worker.drain import exclude_pool_if_drained, read_mark
+from chiffon_worker.worker.flower_stats import stats_rows
 from chiffon_worker.worker.runtime import get_agent, get_config, mark_ready
 from chiffon_worker.worker.settings import celery_settings
 from chiffon_worker.worker.tasks import register_tasks
@@ -74,6 +77,13 @@ class Worker(_CeleryWorker):  # type: ignore[misc]
         super().setup_queues(include, exclude)
         config = get_config()
         exclude_pool_if_drained(self.app.amqp.queues, config.state_dir, config.agent_pool_name)
+
+    def stats(self) -> dict[str, Any]:
+        """Celery's worker statistics (``inspect stats``), plus what the agent can take on
+        as ``chiffon_*`` keys (Flower shows them on the worker page, tab "Other")."""
+        info: dict[str, Any] = super().stats()
+        info.update(stats_rows())
+        return info
 
 
 def _cli_default(option: str) -> bool:

@@ -4,6 +4,13 @@ The message on ``chiffon.heartbeats`` is the Celery task ``chiffon.heartbeat`` w
 argument, the snapshot, expiring after ``heartbeat_timeout_seconds`` (a stale heartbeat is
 worthless, so a backed-up queue drains itself), transient (delivery mode 1), no result.
 
+No ``task-sent`` event goes with it, although the agent's settings turn
+``task_send_sent_event`` on (execute_work and other real work need it): a heartbeat is
+consumed by the orchestrator, never by a Celery worker, so no other event ever follows,
+and Flower would keep every heartbeat as a task PENDING forever (pushing real work out of
+its task memory). Each snapshot taken is kept as the agent's latest
+(:mod:`.latest_snapshot`) for the views that show it (Flower's worker page).
+
 Publishing never blocks the beat thread for long: Celery's stock scheduler connects once
 and retries forever inside its first tick (back-off up to 30 s) and keeps reusing a
 connection the broker may have closed (celery#5037, #8030), so heartbeats can stay away
@@ -27,6 +34,7 @@ from kombu.exceptions import OperationalError
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.signing import sign_snapshot
 from chiffon_worker.wire import HEARTBEAT_TASK
+from chiffon_worker.worker.latest_snapshot import record_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,19 @@ PUBLISH_RETRY_POLICY: dict[str, Any] = {
 }
 
 
+class NoSentEvent:
+    """The event dispatcher a heartbeat is published with: it publishes nothing, so the
+    heartbeat has no ``task-sent`` event (Celery hands the event it built to the
+    dispatcher given as ``event_dispatcher``, else to the app's)."""
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the event."""
+
+
+#: The one :class:`NoSentEvent` heartbeats are sent with.
+NO_SENT_EVENT = NoSentEvent()
+
+
 class HeartbeatSender:
     """Publishes heartbeats of ``take_snapshot()`` through ``app`` (one thread at a time).
 
@@ -69,6 +90,7 @@ class HeartbeatSender:
         """Take a snapshot and publish it; False (one WARNING line) when the broker is away."""
         config = self.config
         snapshot = self.take_snapshot()
+        record_snapshot(snapshot)
         if config.heartbeat_secret:
             snapshot = sign_snapshot(snapshot, config.heartbeat_secret)
         producer = self.producer()
@@ -84,6 +106,7 @@ class HeartbeatSender:
                 # not Celery's repr of the whole snapshot (~850 characters in two headers
                 # of every heartbeat, decoded by every consumer and shown by Flower)
                 argsrepr=HEARTBEAT_ARGSREPR, kwargsrepr="{}",
+                event_dispatcher=NO_SENT_EVENT,
                 retry=True, retry_policy=PUBLISH_RETRY_POLICY,
             )
         except errors as exc:
