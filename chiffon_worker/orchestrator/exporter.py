@@ -31,11 +31,15 @@ object per sample and formats each (1.5-2.5 s a scrape, and 0.4 s more to gzip i
 9); :class:`MetricsServer` instead writes the registry and per-agent families directly
 (:meth:`OrchestratorCollector.page`: the same bytes, held equal to prometheus_client's
 output by the tests) and gzips at :data:`GZIP_LEVEL`. Measured in ``bench/registry.py``.
+
+The same server answers ``/`` with the fleet page and ``/fleet.json`` with its data
+(:mod:`.fleet_page`, :mod:`.fleet_view`).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import socket
 import threading
@@ -59,6 +63,8 @@ from prometheus_client.utils import floatToGoString
 
 from chiffon_worker.errors import ChiffonError, RegistryError
 from chiffon_worker.orchestrator.decoding import REJECT_REASONS
+from chiffon_worker.orchestrator.fleet_page import fleet_page
+from chiffon_worker.orchestrator.fleet_view import FleetView
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
 from chiffon_worker.orchestrator.liveness import LIVENESS_STATES, Liveness
 from chiffon_worker.orchestrator.registry import Registry
@@ -77,6 +83,8 @@ _ALIVE = ("online", "conflict")
 #: gzip level of a compressed page: 19 MB of text (10,000 agents) took 0.40 s at
 #: prometheus_client's level 9 and 0.06 s at 3, for 18% more bytes.
 GZIP_LEVEL = 3
+#: The paths of the fleet page and its data (GET).
+_FLEET_PATHS = frozenset({"/", "/fleet.json"})
 #: A sample value as prometheus_client writes it (Go's float format; its function is untyped).
 _go_float: Callable[[float], str] = floatToGoString
 
@@ -348,9 +356,13 @@ def _stats_metrics(stats: IngestStats) -> Iterator[Metric]:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP in a daemon thread; ``port`` 0 picks a free port.
+    """``/metrics`` over HTTP in a daemon thread, and the fleet page beside it; ``port`` 0
+    picks a free port.
 
-    Serves as prometheus_client's ``start_http_server`` does (any path; the text format or
+    ``GET /`` is the fleet page (:mod:`.fleet_page`) and ``GET /fleet.json`` its data
+    (``fleet``, by default a :class:`~.fleet_view.FleetView` of the collector's registry;
+    503 with ``{"error": ...}`` when the registry cannot be read). Every other request is
+    served as prometheus_client's ``start_http_server`` does (any path; the text format or
     OpenMetrics by the Accept header; gzip when accepted; OPTIONS, 405 for other methods,
     an empty ``/favicon.ico``), but a GET writes the page with
     :meth:`OrchestratorCollector.page` and compresses it at :data:`GZIP_LEVEL`; requests
@@ -358,8 +370,9 @@ class MetricsServer:
     itself."""
 
     def __init__(self, collector: OrchestratorCollector, port: int,
-                 addr: str = "0.0.0.0") -> None:
+                 addr: str = "0.0.0.0", *, fleet: FleetView | None = None) -> None:
         self.collector = collector
+        self.fleet = fleet or FleetView(collector.registry, clock=collector.clock)
         self.collector_registry = CollectorRegistry(auto_describe=False)
         self.collector_registry.register(collector)
         self._fallback = make_wsgi_app(self.collector_registry)
@@ -383,7 +396,10 @@ class MetricsServer:
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]
              ) -> list[bytes]:
-        """The WSGI application: GET writes the page, the rest goes to prometheus_client."""
+        """The WSGI application: GET of the fleet page or its data answers those, another
+        GET writes the metrics page, the rest goes to prometheus_client."""
+        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"] in _FLEET_PATHS:
+            return self._fleet_answer(environ, start_response)
         if (environ["REQUEST_METHOD"] != "GET" or environ["PATH_INFO"] == "/favicon.ico"
                 or "name[]" in parse_qs(environ.get("QUERY_STRING", ""))):
             output: list[bytes] = self._fallback(environ, start_response)
@@ -397,6 +413,29 @@ class MetricsServer:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
         return [page]
+
+    def _fleet_answer(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                      ) -> list[bytes]:
+        """The fleet page (``/``) or its JSON (``/fleet.json``, gzipped when accepted)."""
+        headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+        if environ["PATH_INFO"] == "/":
+            page = fleet_page()
+            start_response("200 OK", [
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("Content-Security-Policy", page.content_security_policy), *headers])
+            return [page.body]
+        status = "200 OK"
+        try:
+            body = self.fleet.json_bytes()
+        except RegistryError as exc:
+            log.warning("fleet page: %s", exc)
+            status, body = "503 Service Unavailable", json.dumps({"error": str(exc)}).encode()
+        headers.append(("Content-Type", "application/json"))
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response(status, headers)
+        return [body]
 
     def close(self) -> None:
         """Stop serving and release the port."""
