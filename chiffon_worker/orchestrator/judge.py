@@ -249,7 +249,13 @@ class HeartbeatJudge:
         except HeartbeatRejected as exc:
             return self._reject(exc, received_at)
         if expiry is not None and expiry < received_at:
-            return self._ignore("expired", decoded.snapshot.get("agent_id"), received_at)
+            agent_id = decoded.snapshot.get("agent_id")
+            self._log.log(logging.WARNING, "expired", received_at,
+                          "heartbeat from %r dropped: it expired %.0f s before it arrived "
+                          "(by this machine's clock); it waited that long in the queue, or "
+                          "the agent's clock is behind this one (check both are synced: "
+                          "chrony or systemd-timesyncd)", agent_id, received_at - expiry)
+            return self._ignore("expired", agent_id, received_at)
         return self.check_snapshot(decoded.snapshot, received_at=received_at,
                                    redelivered=redelivered, text=decoded.text)
 

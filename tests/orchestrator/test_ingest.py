@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -119,6 +120,20 @@ def test_stale_heartbeats_are_ignored_not_rejected(ingestor: Feeder) -> None:
     assert judge(ingestor, task_body(make_snapshot(seq=16)), expired) == ("ignored", "expired")
     assert ingestor.stats.accepted == 1
     assert sum(ingestor.stats.ignored.values()) == 4
+
+
+def test_an_expired_heartbeat_is_dropped_with_a_warning_naming_the_queue_or_a_clock_behind(
+        ingestor: Feeder, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "chiffon_worker.orchestrator.judge")
+    now = time.time()
+    # an agent whose clock is 200 s behind: its heartbeat expires (timeout 90 s) by ours
+    expires = datetime.fromtimestamp(now - 110, tz=UTC).isoformat()
+    body = task_body(make_snapshot("behind-1", seq=20, collected_at=now - 200))
+    assert judge(ingestor, body, {**TASK, "expires": expires}, received_at=now) == (
+        "ignored", "expired")
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "'behind-1' dropped: it expired 110 s before it arrived" in warning
+    assert "waited that long in the queue, or the agent's clock is behind" in warning
 
 
 def test_a_restart_is_counted_and_the_old_boot_is_superseded(ingestor: Feeder) -> None:
