@@ -62,7 +62,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from chiffon_worker.errors import ConfigError
@@ -79,6 +79,9 @@ from chiffon_worker.settings_spec import (
     setting,
     url_with_scheme,
 )
+
+if TYPE_CHECKING:
+    from chiffon_worker.broker_tls import BrokerTls
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,18 @@ def failover_urls(*schemes: str) -> Check:
     return check
 
 
+def _tls_mode_check(value: Any) -> str | None:
+    from chiffon_worker.broker_tls import TLS_MODES  # ssl: only when a config is checked
+
+    return one_of(*TLS_MODES)(value)
+
+
+def _tls_version_check(value: Any) -> str | None:
+    from chiffon_worker.broker_tls import MIN_VERSIONS
+
+    return one_of(*MIN_VERSIONS)(value)
+
+
 @dataclass(frozen=True, init=False)
 class Config:
     """The effective configuration; read-only after construction.
@@ -198,6 +213,26 @@ class Config:
         "(PRECONDITION_FAILED), and one node gains nothing from quorum; to switch, delete "
         "the old queues (or use new names) and move every agent and orchestrator at once",
         check=one_of(*_QUEUE_TYPES))
+    # -- TLS to the broker (chiffon_worker/broker_tls.py; docs/security.md) ---------------
+    broker_tls: str = setting(
+        "auto", "auto: TLS when the broker URL says amqps:// or rediss://; yes: TLS "
+        "required (the rabbitmq_* keys build an amqps:// URL: set rabbitmq_port to the TLS "
+        "port, 5671; a broker_url without TLS is an error)", check=_tls_mode_check)
+    broker_tls_ca_file: str = setting(
+        "", "PEM file of the CA certificate(s) the broker's certificate must be signed by; "
+        "blank: the system's trust store")
+    broker_tls_cert_file: str = setting(
+        "", "PEM client certificate, for a broker that requires one (RabbitMQ "
+        "ssl_options.fail_if_no_peer_cert); blank: none")
+    broker_tls_key_file: str = setting(
+        "", "unencrypted PEM private key of broker_tls_cert_file (its contents are never "
+        "shown or logged); blank: the key is in broker_tls_cert_file")
+    broker_tls_server_name: str = setting(
+        "", "the name the broker's certificate must hold; blank: the host of the broker "
+        "URL. The name is always checked")
+    broker_tls_min_version: str = setting(
+        "TLSv1.2", "the oldest TLS version accepted: TLSv1.2 or TLSv1.3",
+        check=_tls_version_check)
     result_backend: str = setting(
         "", "result backend; blank: rpc:// (Redis broker: the same Redis)", url=True)
     database_url: str = setting(
@@ -300,14 +335,18 @@ class Config:
 
     @property
     def effective_broker_url(self) -> str:
-        """``broker_url`` if set, else the AMQP URL built from the ``rabbitmq_*`` keys."""
-        if self.broker_url:
-            return self.broker_url
-        user = quote(self.rabbitmq_user, safe="")
-        password = quote(self.rabbitmq_password, safe="")
-        # kombu reads "amqp://host:port//" as the default vhost "/"
-        vhost = "/" if self.rabbitmq_vhost == "/" else quote(self.rabbitmq_vhost, safe="")
-        return f"amqp://{user}:{password}@{self.rabbitmq_host}:{self.rabbitmq_port}/{vhost}"
+        """``broker_url`` if set, else the AMQP URL built from the ``rabbitmq_*`` keys
+        (``amqps://`` with ``broker_tls: yes``)."""
+        return _effective_broker_url({name: getattr(self, name) for name in _BROKER_URL_KEYS})
+
+    @property
+    def tls_to_broker(self) -> BrokerTls:
+        """TLS to the broker (the ``broker_tls_*`` keys), for every broker connection."""
+        from chiffon_worker.broker_tls import BrokerTls
+
+        return BrokerTls(self.broker_tls_ca_file, self.broker_tls_cert_file,
+                         self.broker_tls_key_file, self.broker_tls_server_name,
+                         self.broker_tls_min_version)
 
     @property
     def effective_result_backend(self) -> str:
@@ -348,6 +387,24 @@ class Config:
         out = {name: _shown(key, getattr(self, name)) for name, key in KEYS.items()}
         out["hostname"] = self.hostname
         return out
+
+
+#: The keys the broker URL is made of.
+_BROKER_URL_KEYS = ("broker_url", "broker_tls", "rabbitmq_user", "rabbitmq_password",
+                    "rabbitmq_host", "rabbitmq_port", "rabbitmq_vhost")
+
+
+def _effective_broker_url(values: Mapping[str, Any]) -> str:
+    """``broker_url`` if set, else the AMQP URL built from the ``rabbitmq_*`` values."""
+    if values["broker_url"]:
+        return str(values["broker_url"])
+    user = quote(values["rabbitmq_user"], safe="")
+    password = quote(values["rabbitmq_password"], safe="")
+    # kombu reads "amqp://host:port//" as the default vhost "/"
+    vhost = "/" if values["rabbitmq_vhost"] == "/" else quote(values["rabbitmq_vhost"], safe="")
+    scheme = "amqps" if values["broker_tls"] == "yes" else "amqp"
+    return (f"{scheme}://{user}:{password}@{values['rabbitmq_host']}:"
+            f"{values['rabbitmq_port']}/{vhost}")
 
 
 #: name -> declared setting, in declaration order (derived from the fields of Config).
@@ -556,6 +613,7 @@ def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
                               f"{problem} (got {_shown(key, values[name])!r})")
     _check_timeout_covers_interval(values, sources)
     _check_quorum_needs_amqp(values, sources)
+    _check_broker_tls(values, sources)
 
 
 def _check_timeout_covers_interval(values: Mapping[str, Any],
@@ -580,6 +638,39 @@ def _check_quorum_needs_amqp(values: Mapping[str, Any], sources: Mapping[str, st
         raise ConfigError(sources["queue_type"], "queue_type",
                           f"quorum queues need a RabbitMQ broker, but broker_url (from "
                           f"{sources['broker_url']}) is {scheme}://")
+
+
+def _check_broker_tls(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Options in broker_url that kombu cannot take (TLS ones belong in the broker_tls_*
+    keys), then TLS to the broker: keys that fit the URL, files that load, a key that
+    matches its certificate (``broker_tls.settings_problem``)."""
+    from chiffon_worker.broker_tls import BrokerTls, settings_problem, url_option_problem
+
+    if values["broker_url"]:
+        problem = url_option_problem(values["broker_url"])
+        if problem:
+            raise ConfigError(sources["broker_url"], "broker_url", problem)
+    if not _uses_broker_tls(values):
+        return
+    tls = BrokerTls(values["broker_tls_ca_file"], values["broker_tls_cert_file"],
+                    values["broker_tls_key_file"], values["broker_tls_server_name"],
+                    values["broker_tls_min_version"])
+    found = settings_problem(tls, _effective_broker_url(values), values["broker_tls"])
+    if found:
+        key, problem = found
+        # a key left at its default is blamed on where the broker URL (or broker_tls) was set
+        where = next((sources[name] for name in (key, "broker_url", "broker_tls")
+                      if sources[name] != "default"), "default")
+        raise ConfigError(where, key, problem)
+
+
+def _uses_broker_tls(values: Mapping[str, Any]) -> bool:
+    """Whether any TLS key is set or the URL says TLS (else the check reads nothing)."""
+    if any(values[name] for name in ("broker_tls_ca_file", "broker_tls_cert_file",
+                                     "broker_tls_key_file", "broker_tls_server_name")):
+        return True
+    url = _effective_broker_url(values).split(FAILOVER_SEPARATOR)[0].strip()
+    return values["broker_tls"] == "yes" or urlsplit(url).scheme in ("amqps", "rediss")
 
 
 def derive_agent_id(machine_id: str, hostname: str) -> str:

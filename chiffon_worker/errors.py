@@ -99,6 +99,16 @@ class BrokerLoginRefused(ChiffonError):
         return cls(masked_url, _refusal_problem(refusal))
 
 
+class BrokerTlsFailed(BrokerLoginRefused):
+    """The TLS handshake with the broker failed for a reason retrying cannot fix: an
+    untrusted, expired or misnamed broker certificate, a client certificate the broker
+    requires or rejects, no TLS version in common, no TLS on that port. Like a refused
+    login it is a configuration problem (exit status 2, no retry), so it is one: every
+    place that stops on BrokerLoginRefused stops on it too. Made by
+    :meth:`chiffon_worker.broker_tls.BrokerTls.failure`, which names the file or the check
+    at fault; ``masked_url`` must already hide the password."""
+
+
 #: What to fix when the broker refuses a login.
 LOGIN_HINT = "check broker_url's user and password"
 #: The same for RabbitMQ, whose URL may be built from the ``rabbitmq_*`` keys.

@@ -90,7 +90,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     with Registry.from_config(config) as registry:
         record = resolve_agent(registry.agents(), args.agent)
         requested_at = registry.drain(record.agent_id, by)
-    with AgentControl(config.effective_broker_url) as control:
+    with AgentControl(config.effective_broker_url, tls=config.tls_to_broker) as control:
         answer = control.drain(record, by=by, at=requested_at)
     if answer.refusal is not None:
         raise _refused(record, "drain", answer)
@@ -115,7 +115,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     with Registry.from_config(config) as registry:
         record = resolve_agent(registry.agents(), args.agent)
         had_request = registry.undrain(record.agent_id)
-    with AgentControl(config.effective_broker_url) as control:
+    with AgentControl(config.effective_broker_url, tls=config.tls_to_broker) as control:
         answer = control.undrain(record)
     if answer.refusal is not None:
         raise _refused(record, "undrain", answer)

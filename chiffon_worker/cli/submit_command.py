@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.cli.command_types import Subcommands
 from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
 from chiffon_worker.cli.output import emit
@@ -30,7 +31,6 @@ from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import (
     EXIT_ERROR,
     EXIT_OK,
-    BrokerLoginRefused,
     ChiffonError,
     ProtocolError,
     RoutingError,
@@ -188,31 +188,36 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextmanager
-def broker_faults(broker_url: str) -> Iterator[None]:
+def broker_faults(broker_url: str, tls: BrokerTls | None = None) -> Iterator[None]:
     """Turn broker errors raised in the block into one-line ChiffonErrors: a refused login
-    (also one wrapped in a ChiffonError) into BrokerLoginRefused (exit 2), anything else
-    into ``broker <url>: <what happened>`` (exit 1). The URL is shown masked."""
+    or a failed TLS handshake (also one wrapped in a ChiffonError) into BrokerLoginRefused
+    or BrokerTlsFailed (exit 2), anything else into ``broker <url>: <what happened>``
+    (exit 1). The URL is shown masked; ``tls`` names the TLS files at fault."""
     errors = _broker_error_types()
     masked = mask_url(broker_url)
+    tls = tls or BrokerTls()
     try:
         yield
     except ChiffonError as exc:
-        refused = BrokerLoginRefused.from_error(masked, exc)
+        refused = tls.refusal(masked, exc)
         if refused is None:
             raise
         raise refused from None
     except errors as exc:
-        refused = BrokerLoginRefused.from_error(masked, exc)
+        refused = tls.refusal(masked, exc)
         raise refused or ChiffonError(f"broker {masked}: {_describe(exc)}") from None
 
 
-def connect_broker(broker_url: str) -> None:
-    """Open one connection to the broker and close it: a refused login or an unreachable
-    broker fails here, before anything is reserved or published. Each URL of a failover
-    list is tried once, for up to ``BROKER_CONNECT_TIMEOUT_SECONDS`` each."""
+def connect_broker(broker_url: str, tls: BrokerTls | None = None) -> None:
+    """Open one connection to the broker and close it: a refused login, a failed TLS
+    handshake or an unreachable broker fails here, before anything is reserved or
+    published. Each URL of a failover list is tried once, for up to
+    ``BROKER_CONNECT_TIMEOUT_SECONDS`` each; ``tls``: TLS to an amqps:// or rediss://
+    broker."""
     from kombu.connection import Connection
 
-    conn = Connection(broker_url, connect_timeout=BROKER_CONNECT_TIMEOUT_SECONDS)
+    conn = Connection(broker_url, connect_timeout=BROKER_CONNECT_TIMEOUT_SECONDS,
+                      ssl=(tls or BrokerTls()).kombu_ssl(broker_url))
     try:
         conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1)
     finally:
@@ -272,8 +277,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = Config()
     pool = args.pool if needs is not None else args.pool or config.agent_pool_name
     router = Router(config)
-    with broker_faults(router.broker_url), router:
-        connect_broker(router.broker_url)
+    with broker_faults(router.broker_url, router.tls), router:
+        connect_broker(router.broker_url, router.tls)
         if needs is None and not args.queue_anyway:
             check_pool_online(config, pool)
         try:

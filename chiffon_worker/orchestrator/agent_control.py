@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
+from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
 from chiffon_worker.wire import DRAIN_CONTROL_COMMAND, UNDRAIN_CONTROL_COMMAND
 
@@ -66,8 +67,11 @@ class AgentControl:
     """Sends remote-control commands to single agents through ``broker_url``."""
 
     def __init__(self, broker_url: str, *,
-                 reply_timeout_seconds: float = REPLY_TIMEOUT_SECONDS) -> None:
+                 reply_timeout_seconds: float = REPLY_TIMEOUT_SECONDS,
+                 tls: BrokerTls | None = None) -> None:
         self.broker_url = broker_url
+        #: TLS to an amqps:// or rediss:// broker (default: the system's CAs)
+        self.tls = tls or BrokerTls()
         self.reply_timeout_seconds = reply_timeout_seconds
         self._app: Any = None
 
@@ -80,7 +84,8 @@ class AgentControl:
             app = Celery("chiffon-control", broker=self.broker_url, set_as_current=False)
             app.conf.update(accept_content=["json"], task_serializer="json",
                             result_serializer="json",
-                            broker_connection_timeout=CONNECT_TIMEOUT_SECONDS)
+                            broker_connection_timeout=CONNECT_TIMEOUT_SECONDS,
+                            **self.tls.celery_settings(self.broker_url))
             self._app = app
         return self._app
 

@@ -14,7 +14,8 @@ Rejected messages are acknowledged too (dropped, never requeued).
 
 The broker may go away at any time: the consumer reconnects with exponential backoff
 (1 s doubling to ``reconnect_max_seconds``) until :meth:`HeartbeatConsumer.stop`. A broker
-that refuses the login (AMQP ``ACCESS_REFUSED``, Redis ``AuthenticationError``) is a
+that refuses the login (AMQP ``ACCESS_REFUSED``, Redis ``AuthenticationError``), or a
+TLS handshake that fails (:class:`~chiffon_worker.errors.BrokerTlsFailed`), is a
 configuration problem, not an outage: :meth:`~HeartbeatConsumer.run` raises
 :class:`~chiffon_worker.errors.BrokerLoginRefused` at once instead of retrying. If the
 registry cannot be written, the batch is retried after each of ``write_retry_delays``
@@ -35,8 +36,9 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
+from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
-from chiffon_worker.errors import BrokerLoginRefused, RegistryError
+from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator.batch_writer import BatchWriter
 from chiffon_worker.orchestrator.judge import Checked, HeartbeatJudge
 from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
@@ -62,7 +64,9 @@ class HeartbeatConsumer:
     ``max_delay_seconds``: the longest a received heartbeat waits for its commit;
     ``poll_seconds``: how often an idle loop wakes to flush and check :meth:`stop`;
     ``declaration``: the queue as declared (default: ``heartbeat_queue(queue)``; a copy
-    queue from :func:`~chiffon_worker.wire.heartbeat_copy_queue`).
+    queue from :func:`~chiffon_worker.wire.heartbeat_copy_queue`);
+    ``tls``: TLS to an ``amqps://``/``rediss://`` broker (default: the system's CAs);
+    a failed handshake ends :meth:`run` like a refused login.
     """
 
     def __init__(self, broker_url: str, judge: HeartbeatJudge, writer: BatchWriter, *,
@@ -71,13 +75,15 @@ class HeartbeatConsumer:
                  max_delay_seconds: float = DEFAULT_MAX_DELAY_SECONDS,
                  poll_seconds: float = 0.25, reconnect_max_seconds: float = 30.0,
                  write_retry_delays: Sequence[float] = DEFAULT_WRITE_RETRY_DELAYS,
-                 connection_name: str = "chiffon-orchestrator") -> None:
+                 connection_name: str = "chiffon-orchestrator",
+                 tls: BrokerTls | None = None) -> None:
         if prefetch_count < 2 or not 1 <= batch_size <= prefetch_count // 2:
             raise ValueError("need prefetch_count >= 2 and 1 <= batch_size <= prefetch/2")
         if writer.stats is not judge.stats:
             raise ValueError("the judge and the writer must count into one IngestStats")
         self.broker_url = broker_url
         self.masked_url = mask_url(broker_url)
+        self.tls = tls or BrokerTls()
         self.judge = judge
         self.writer = writer
         self.stats = judge.stats
@@ -113,7 +119,8 @@ class HeartbeatConsumer:
         if urlsplit(self.broker_url).scheme in ("amqp", "amqps", "pyamqp"):
             options["client_properties"] = {"connection_name": self.connection_name}
         return Connection(self.broker_url, connect_timeout=_CONNECT_TIMEOUT_SECONDS,
-                          heartbeat=_AMQP_HEARTBEAT_SECONDS, transport_options=options)
+                          heartbeat=_AMQP_HEARTBEAT_SECONDS, transport_options=options,
+                          ssl=self.tls.kombu_ssl(self.broker_url))
 
     def run(self) -> None:
         """Consume until :meth:`stop`; reconnects on broker loss. Raises RegistryError, and
@@ -130,7 +137,7 @@ class HeartbeatConsumer:
                 self._consume(conn)
             except recoverable as exc:
                 self.ready.clear()
-                self._stop_if_refused(exc)
+                self._stop_if_refused(exc, conn.as_uri())
                 self.stats.connection_losses += 1
                 log.warning("broker %s: %s: %s; reconnecting in %.0f s", self.masked_url,
                             type(exc).__name__, str(exc)[:200] or "connection lost", delay)
@@ -142,10 +149,11 @@ class HeartbeatConsumer:
                 _release(conn)
         self._salvage()
 
-    def _stop_if_refused(self, exc: BaseException) -> None:
-        """Raise BrokerLoginRefused if ``exc`` is a refused login, after committing what was
-        judged (the unacked deliveries go back to the queue)."""
-        refused = BrokerLoginRefused.from_error(self.masked_url, exc)
+    def _stop_if_refused(self, exc: BaseException, node_url: str) -> None:
+        """Raise BrokerLoginRefused if ``exc`` is a refused login or a failed TLS handshake
+        (BrokerTlsFailed) with ``node_url``, after committing what was judged (the unacked
+        deliveries go back to the queue)."""
+        refused = self.tls.refusal(self.masked_url, exc, node_url)
         if refused is not None:
             self._salvage()
             raise refused from None

@@ -49,6 +49,7 @@ from typing import Any
 from kombu.entity import Queue
 from kombu.exceptions import OperationalError
 
+from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import ChiffonError, ProtocolError, RegistryError, RoutingError
 from chiffon_worker.orchestrator.registry import AgentRecord, Registry
@@ -290,6 +291,8 @@ class Router:
         self.reservation_ttl_seconds = reservation_ttl_seconds or (
             config.reservation_ttl_seconds if config else DEFAULT_RESERVATION_TTL_SECONDS)
         self._app: Any = None
+        #: TLS to the broker (and a rediss:// result backend): the config's, else defaults
+        self.tls = config.tls_to_broker if config else BrokerTls()
 
     @property
     def app(self) -> Any:
@@ -303,6 +306,7 @@ class Router:
                 task_serializer="json", result_serializer="json", accept_content=["json"],
                 result_accept_content=["json"], task_protocol=2,
                 broker_connection_retry_on_startup=True, task_publish_retry=True,
+                **self.tls.celery_settings(self.broker_url, self.result_backend),
             )
             self._app = app
         return self._app

@@ -111,7 +111,8 @@ class Orchestrator:
                 self.config.effective_broker_url, judge, BatchWriter(self.registry, stats=stats),
                 queue=self.queue,
                 declaration=heartbeat_copy_queue(self.queue) if self.copy
-                else heartbeat_queue(self.queue, self.config.queue_type))
+                else heartbeat_queue(self.queue, self.config.queue_type),
+                tls=self.config.tls_to_broker)
             if self.metrics_port:
                 self.metrics = MetricsServer(
                     OrchestratorCollector(self.registry, stats), self.metrics_port,
@@ -148,12 +149,14 @@ class Orchestrator:
             if self._stop.is_set():
                 return
             self.events = WorkerEventListener(self.config.effective_broker_url, self.registry,
-                                              on_refused=self.on_refused)
+                                              on_refused=self.on_refused,
+                                              tls=self.config.tls_to_broker)
             self._events_thread = threading.Thread(target=self.events.run, daemon=True,
                                                    name="chiffon-worker-events")
             self._events_thread.start()
             # drains an agent missed while it was away are sent again once it is back
-            self._drains_control = AgentControl(self.config.effective_broker_url)
+            self._drains_control = AgentControl(self.config.effective_broker_url,
+                                                tls=self.config.tls_to_broker)
             self._drains_thread = threading.Thread(
                 target=DrainEnforcer(self._drains_control).follow,
                 args=(self.registry, self._stop), daemon=True, name="chiffon-drain-enforcer")

@@ -34,6 +34,7 @@ from kombu.entity import Queue, binding
 from kombu.messaging import Consumer
 from kombu.pidbox import Mailbox
 
+from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import BrokerLoginRefused, RegistryError
 from chiffon_worker.orchestrator.registry import Registry, WorkEvent
@@ -71,14 +72,18 @@ class WorkerEventListener:
 
     ``flush_seconds``: how often signs are written (and how long an idle read waits);
     ``clock``: receipt times (unix seconds); tests pass their own;
-    ``on_refused``: called (in the listener's thread) when the broker refuses the login.
+    ``on_refused``: called (in the listener's thread) when the broker refuses the login
+    (or the TLS handshake fails: BrokerTlsFailed);
+    ``tls``: TLS to an ``amqps://``/``rediss://`` broker (default: the system's CAs).
     """
 
     def __init__(self, broker_url: str, registry: Registry, *, flush_seconds: float = 0.25,
                  reconnect_max_seconds: float = 10.0,
                  clock: Callable[[], float] = time.time,
-                 on_refused: Callable[[BrokerLoginRefused], None] | None = None) -> None:
+                 on_refused: Callable[[BrokerLoginRefused], None] | None = None,
+                 tls: BrokerTls | None = None) -> None:
         self.broker_url = broker_url
+        self.tls = tls or BrokerTls()
         self.on_refused = on_refused
         #: why the listener ended, when the broker refused its login
         self.refused: BrokerLoginRefused | None = None
@@ -106,14 +111,15 @@ class WorkerEventListener:
         refused login ends it (see :attr:`refused`)."""
         delay = 1.0
         while not self._stop.is_set():
-            conn = Connection(self.broker_url, connect_timeout=_CONNECT_TIMEOUT_SECONDS)
+            conn = Connection(self.broker_url, connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+                              ssl=self.tls.kombu_ssl(self.broker_url))
             recoverable = (*conn.connection_errors, *conn.channel_errors, OSError)
             try:
                 conn.connect()
                 delay = 1.0
                 self._consume(conn)
             except recoverable as exc:
-                if self._refused(exc):
+                if self._refused(exc, conn.as_uri()):
                     break
                 log.warning("worker events on %s: %s; reconnecting in %.0f s",
                             mask_url(self.broker_url), str(exc)[:200] or type(exc).__name__,
@@ -128,10 +134,10 @@ class WorkerEventListener:
                     log.debug("closing the events connection: %s", exc)
         self.flush()
 
-    def _refused(self, exc: BaseException) -> bool:
-        """If ``exc`` is a refused login: keep it, stop, tell ``on_refused``; returns whether
-        it was."""
-        refused = BrokerLoginRefused.from_error(mask_url(self.broker_url), exc)
+    def _refused(self, exc: BaseException, node_url: str) -> bool:
+        """If ``exc`` is a refused login or a failed TLS handshake with ``node_url``: keep
+        it, stop, tell ``on_refused``; returns whether it was."""
+        refused = self.tls.refusal(mask_url(self.broker_url), exc, node_url)
         if refused is None:
             return False
         self.refused = refused

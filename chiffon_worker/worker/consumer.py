@@ -4,7 +4,9 @@
   chatter; start-up to ready drops from ~1.5 s to ~0.5 s).
 - Reconnecting backs off 1, 2, 3 ... seconds capped at ``RECONNECT_MAX_SECONDS`` (Celery's
   grows to 30 s, so work resumed up to 30 s after heartbeats did).
-- A broker that refuses the login is a configuration problem, not an outage: one line and
+- A broker that refuses the login, or a TLS handshake that fails for good (an untrusted,
+  expired or misnamed certificate, a client certificate refused: see
+  :mod:`chiffon_worker.broker_tls`), is a configuration problem, not an outage: one line and
   exit status 2, as for a bad config file. So is a second agent with the same name (agent id
   and host) as a running one: RabbitMQ locks the first one's remote-control queue.
 - A task message with a broken envelope is logged and dropped, never requeued (Celery lets
@@ -25,7 +27,8 @@ from amqp.exceptions import AccessRefused, ResourceLocked
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from chiffon_worker.config import mask_url
-from chiffon_worker.errors import EXIT_CONFIG
+from chiffon_worker.errors import EXIT_CONFIG, BrokerTlsFailed
+from chiffon_worker.worker.runtime import get_config
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +110,32 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
             raise SystemExit(EXIT_CONFIG) from None
 
     def ensure_connected(self, conn: Any) -> Any:
-        """Reconnect with back-off 1, 2, 3 ... capped at ``RECONNECT_MAX_SECONDS``."""
-        ensure = conn.ensure_connection
-        conn.ensure_connection = functools.partial(
-            ensure, interval_start=1, interval_step=1, interval_max=RECONNECT_MAX_SECONDS)
+        """Reconnect with back-off 1, 2, 3 ... capped at ``RECONNECT_MAX_SECONDS``; a refused
+        login or a failed TLS handshake ends the agent with one line and exit status 2."""
+        ensure = functools.partial(conn.ensure_connection, interval_start=1, interval_step=1,
+                                   interval_max=RECONNECT_MAX_SECONDS)
+        tls = get_config().tls_to_broker
+
+        def ensure_connection(errback: Any = None, *args: Any, **kwargs: Any) -> Any:
+            def on_error(exc: BaseException, interval: float) -> None:
+                failed = tls.failure(mask_url(conn.as_uri()), exc, conn.as_uri())
+                if failed is not None:  # before Celery's "Cannot connect ... Trying again"
+                    raise failed
+                if errback is not None:
+                    errback(exc, interval)
+
+            return ensure(on_error, *args, **kwargs)
+
+        conn.ensure_connection = ensure_connection
         try:
             return super().ensure_connected(conn)
         except AccessRefused as exc:
             log.error("broker at %s refused the login (check rabbitmq_user, "
                       "rabbitmq_password, rabbitmq_vhost or broker_url): %s",
                       mask_url(conn.as_uri()), exc.reply_text or exc)
+            raise SystemExit(EXIT_CONFIG) from None
+        except BrokerTlsFailed as exc:
+            log.error("%s", exc)
             raise SystemExit(EXIT_CONFIG) from None
         finally:
             del conn.ensure_connection  # back to the class's method

@@ -83,7 +83,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": 3600},
         "result_expires": 86400,
         "result_persistent": False,
-        # Flower sees workers and tasks
+        # Flower sees workers and tasks (heartbeats are sent without a task-sent event:
+        # no Celery worker ever runs them; see heartbeat_sender)
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         # a desktop agent: light pool, one slot by default
@@ -103,4 +104,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
         # beat is a thread of the worker: name the thread, so heartbeat lines say "Beat"
         "worker_log_format": "[%(asctime)s: %(levelname)s/%(processName)s/%(threadName)s] "
                              "%(message)s",
+        # TLS (amqps://, rediss://): broker_use_ssl, redis_backend_use_ssl (broker_tls.py)
+        **config.tls_to_broker.celery_settings(config.effective_broker_url,
+                                               config.effective_result_backend),
     }

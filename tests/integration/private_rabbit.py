@@ -4,6 +4,10 @@ The machine's node on 5672 is shared and must never be touched; this one runs on
 ports with its own directories (owned by the ``rabbitmq`` user, to whom the server drops
 privileges) and its own config file (``/etc/rabbitmq/rabbitmq.conf`` pins the listener).
 Restarting it with the same directories keeps durable queues and bindings.
+
+With ``tls=NodeTls(...)`` the node also has a TLS listener (``tls_port``, ``tls_url``)
+besides its plain one; the certificate files are copied into the node's directory (the
+server runs as ``rabbitmq`` and cannot read a test's temp dir).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,14 +53,35 @@ def available() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class NodeTls:
+    """A TLS listener's files (PEM) and whether it requires a client certificate
+    (``ssl_options.verify = verify_peer`` + ``fail_if_no_peer_cert = true``)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_client_cert: bool = False
+
+    def conf_lines(self, base: Path, port: int) -> str:
+        """rabbitmq.conf lines of the listener on ``port``, files under ``base``."""
+        verify = "verify_peer" if self.require_client_cert else "verify_none"
+        return (f"listeners.ssl.default = 127.0.0.1:{port}\n"
+                f"ssl_options.cacertfile = {base / 'tls-ca.pem'}\n"
+                f"ssl_options.certfile = {base / 'tls-cert.pem'}\n"
+                f"ssl_options.keyfile = {base / 'tls-key.pem'}\n"
+                f"ssl_options.verify = {verify}\n"
+                f"ssl_options.fail_if_no_peer_cert = {str(self.require_client_cert).lower()}\n")
+
+
 class PrivateRabbit:
     """One RabbitMQ node: ``start()``, ``stop()``, ``cut_connections()``, ``destroy()``.
 
     Its files live in a fresh directory under the system temp dir (pytest's are private
-    to root, and the server runs as ``rabbitmq``).
+    to root, and the server runs as ``rabbitmq``). ``tls``: a TLS listener too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: NodeTls | None = None) -> None:
         base = Path(tempfile.mkdtemp(prefix="chiffon-rabbit-"))
         self.port = free_port()
         self.dist_port = free_port()
@@ -68,6 +94,16 @@ class PrivateRabbit:
         (base / "plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        self.tls_port: int | None = None
+        self.tls_url: str | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            self.tls_url = f"amqps://guest:guest@127.0.0.1:{self.tls_port}//"
+            for source, name in ((tls.ca_file, "tls-ca.pem"), (tls.cert_file, "tls-cert.pem"),
+                                 (tls.key_file, "tls-key.pem")):
+                shutil.copyfile(source, base / name)
+            with (base / "rabbitmq.conf").open("a") as conf:
+                conf.write(tls.conf_lines(base, self.tls_port))
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
         base.chmod(0o755)
 
@@ -90,7 +126,7 @@ class PrivateRabbit:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if port_open(self.port):
+            if port_open(self.port) and (self.tls_port is None or port_open(self.tls_port)):
                 return time.monotonic()
             time.sleep(0.02)
         raise TimeoutError(f"private RabbitMQ {self.nodename} not listening on "
