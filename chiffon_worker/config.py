@@ -79,6 +79,7 @@ from chiffon_worker.settings_spec import (
     setting,
     url_with_scheme,
 )
+from chiffon_worker.signing import agent_key_problem
 
 if TYPE_CHECKING:
     from chiffon_worker.broker_tls import BrokerTls
@@ -273,8 +274,26 @@ class Config:
         "broadcast address)")
     wake_port: int = setting(9, "UDP port of Wake-on-LAN packets", check=bounded(1, 65535))
     # -- orchestrator side ---------------------------------------------------------------
+    # signed heartbeats (chiffon_worker/signing.py; docs/security.md, "Signed heartbeats")
     heartbeat_secret: str = setting(
-        "", "optional HMAC key signing heartbeats; blank: unsigned", secret=True)
+        "", "older shared HMAC key signing heartbeats: agents sign with it unless "
+        "heartbeat_key is set, the orchestrator accepts it for any agent id; blank: none",
+        secret=True)
+    heartbeat_key: str = setting(
+        "", "agent: this agent's own heartbeat signing key, 64 hex digits (`chiffon "
+        "signing-key AGENT_ID` on the orchestrator's host); it signs for this agent_id "
+        "only; blank: none", secret=True, check=agent_key_problem)
+    heartbeat_lab_secret: str = setting(
+        "", "orchestrator: the lab secret every agent's key is derived from (`chiffon "
+        "init-config --with-secret` generates one); keep it on the orchestrator's host only; "
+        "blank: no agent keys", secret=True)
+    heartbeat_lab_secret_previous: str = setting(
+        "", "orchestrator, during a rotation: the lab secret being replaced; agent keys "
+        "derived from it stay accepted until it is removed", secret=True)
+    require_signed_heartbeats: str = setting(
+        "auto", "orchestrator: reject unsigned heartbeats. auto: when heartbeat_lab_secret "
+        "or heartbeat_secret is set; yes; no (a signature that is present is still "
+        "checked)", check=one_of("auto", "yes", "no"))
     metrics_port: int = setting(
         9808, "orchestrator Prometheus TCP port; 0 disables it", check=bounded(0, 65535))
     reservation_ttl_seconds: float = setting(

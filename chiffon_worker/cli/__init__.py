@@ -24,6 +24,7 @@ from chiffon_worker.cli.agent_admin_commands import add_agent_admin_commands
 from chiffon_worker.cli.agent_commands import add_agent_commands
 from chiffon_worker.cli.command_types import Handler
 from chiffon_worker.cli.fleet_commands import add_fleet_commands
+from chiffon_worker.cli.signing_command import add_signing_command
 from chiffon_worker.cli.submit_command import add_submit_command
 from chiffon_worker.cli.wake_command import add_wake_command
 from chiffon_worker.cli.work_command import add_work_command
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subcommands.required = True
     add_agent_commands(subcommands)
+    add_signing_command(subcommands)
     add_fleet_commands(subcommands)
     add_agent_admin_commands(subcommands)
     add_wake_command(subcommands)

@@ -4,9 +4,11 @@
 passed in). It keeps every agent's sequencing state in memory, seeded from the
 registry's records at start (the orchestrator is the registry's only writer), so judging
 a heartbeat costs no query. Per message: decode (:mod:`.decoding`), check the signature
-(when a secret is set), validate (``protocol.validate_snapshot``), check that the
-registry can store it, sequence (:mod:`.liveness`), and build the agent row and history
-point an accepted heartbeat writes (:class:`Rows`; :mod:`.batch_writer` writes them).
+(:class:`~chiffon_worker.signing.HeartbeatVerifier`: per-agent keys derived from the lab
+secret, the shared secret; :func:`verifier_of` builds it from the config), validate
+(``protocol.validate_snapshot``), check that the registry can store it, sequence
+(:mod:`.liveness`), and build the agent row and history point an accepted heartbeat
+writes (:class:`Rows`; :mod:`.batch_writer` writes them).
 
 Judging is two steps. :meth:`HeartbeatJudge.check` needs no state: decode, signature,
 validation, storability; it gives a :class:`Checked` heartbeat or a final outcome (a
@@ -18,7 +20,7 @@ when another orchestrator wrote since, so the database decides the order.
 :meth:`~HeartbeatJudge.judge_message` does both at once.
 
 Outcomes: *accepted* (rows to write), *rejected* (not a valid heartbeat, or unsigned,
-forged or replayed when signing is on: counted by reason, logged, dropped) and *ignored*
+forged or replayed when signatures are required: counted by reason, logged, dropped) and *ignored*
 (a valid but stale heartbeat: duplicate, out of order, from a superseded boot, expired,
 or a redelivery after a broker reconnect). A heartbeat older than the newest one whose
 sequence number was counted missed is *late* (another orchestrator took the newer one
@@ -36,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chiffon_worker.errors import ProtocolError
+from chiffon_worker.errors import ConfigError, ProtocolError
 from chiffon_worker.orchestrator import decoding, liveness
 from chiffon_worker.orchestrator.decoding import HeartbeatRejected
 from chiffon_worker.orchestrator.ingest_counters import CONFLICT, IngestStats
@@ -48,9 +50,15 @@ from chiffon_worker.orchestrator.sql_schema import (
     check_storable,
 )
 from chiffon_worker.protocol import validate_snapshot
-from chiffon_worker.signing import SignatureError, verify_snapshot
+from chiffon_worker.signing import (
+    MIN_LAB_SECRET_CHARS,
+    HeartbeatVerifier,
+    KeyUsed,
+    SignatureError,
+)
 
 if TYPE_CHECKING:
+    from chiffon_worker.config import Config
     from chiffon_worker.orchestrator.registry import AgentRecord, SequencingState
 
     Stored = AgentRecord | SequencingState
@@ -69,6 +77,40 @@ LATE = "late"
 #: overtaken: one orchestrator would have seen them first), and are not counted.
 MAX_MISSED_SEQS = 64
 FIRST_SEQS_AWAITED = 8
+#: How often (seconds) an agent still signing with an old key (the previous lab secret's,
+#: the shared secret) is named in the log, so an operator sees who is left to re-key.
+OLD_KEY_LOG_SECONDS = 3600.0
+
+
+def verifier_of(config: Config) -> HeartbeatVerifier:
+    """The orchestrator's :class:`HeartbeatVerifier` from ``config``: ``heartbeat_lab_secret``
+    (then ``heartbeat_lab_secret_previous``), ``heartbeat_secret`` and
+    ``require_signed_heartbeats`` (``auto``: required when any of those is set, as before
+    per-agent keys; ``yes``; ``no``). Raises ConfigError for keys that cannot work
+    together (a previous secret without a current one, ``yes`` with nothing to verify
+    with, a lab secret under :data:`~chiffon_worker.signing.MIN_LAB_SECRET_CHARS`)."""
+    lab, previous = config.heartbeat_lab_secret, config.heartbeat_lab_secret_previous
+    sources = config.sources
+    if previous and not lab:
+        raise ConfigError(sources.get("heartbeat_lab_secret_previous", "default"),
+                          "heartbeat_lab_secret_previous", "is set but heartbeat_lab_secret "
+                          "is not: during a rotation the new lab secret is "
+                          "heartbeat_lab_secret and the old one the previous")
+    for name, value in (("heartbeat_lab_secret", lab),
+                        ("heartbeat_lab_secret_previous", previous)):
+        if value and len(value) < MIN_LAB_SECRET_CHARS:
+            raise ConfigError(sources.get(name, "default"), name,
+                              f"is shorter than {MIN_LAB_SECRET_CHARS} characters; "
+                              "`chiffon init-config --with-secret` generates one")
+    lab_secrets = tuple(secret for secret in (lab, previous) if secret)
+    mode = config.require_signed_heartbeats
+    verifying = bool(lab_secrets or config.heartbeat_secret)
+    if mode == "yes" and not verifying:
+        raise ConfigError(sources.get("require_signed_heartbeats", "default"),
+                          "require_signed_heartbeats", "is yes, but neither "
+                          "heartbeat_lab_secret nor heartbeat_secret is set to verify with")
+    return HeartbeatVerifier(lab_secrets, config.heartbeat_secret,
+                             required=verifying and mode != "no")
 
 
 #: The required columns' and the history metrics' values of a snapshot, in column order.
@@ -186,16 +228,22 @@ class HeartbeatJudge:
     """Judges heartbeats (see the module docstring).
 
     ``known``: the registry's records at start (``Registry.agents()``);
-    ``history_points``: the registry's ring size per agent; ``secret``: the HMAC key
-    heartbeats must be signed with (empty accepts unsigned ones); ``stats``: where the
-    counts go (shared with the batch writer and the consumer).
+    ``history_points``: the registry's ring size per agent; ``verifier``: the keys
+    signatures are checked with and whether one is required (:func:`verifier_of`);
+    ``secret``: short for a verifier with only this shared secret, required (empty, and no
+    verifier: unsigned heartbeats are accepted); ``stats``: where the counts go (shared
+    with the batch writer and the consumer).
     """
 
     def __init__(self, known: Iterable[AgentRecord], *, history_points: int,
-                 secret: str = "", stats: IngestStats | None = None) -> None:
+                 secret: str = "", verifier: HeartbeatVerifier | None = None,
+                 stats: IngestStats | None = None) -> None:
         if history_points < 1:
             raise ValueError("history_points must be at least 1")
-        self.secret = secret
+        self.verifier = verifier if verifier is not None else HeartbeatVerifier(
+            shared_secret=secret, required=bool(secret))
+        #: agent id -> when it was last named for signing with an old key (unix seconds)
+        self._old_key_logged: dict[str, float] = {}
         self.stats = stats if stats is not None else IngestStats()
         self.history_points = history_points
         self._log = LimitedLog(log)
@@ -266,8 +314,7 @@ class HeartbeatJudge:
         raw_id = snapshot.get("agent_id")
         agent_id = raw_id if isinstance(raw_id, str) else None
         try:
-            if self.secret:
-                verify_snapshot(snapshot, self.secret)
+            used = self.verifier.verify(snapshot)
             snap = validate_snapshot(snapshot)
             check_storable(snap)
         except SignatureError as exc:
@@ -275,7 +322,24 @@ class HeartbeatJudge:
         except ProtocolError as exc:
             reason = decoding.SCHEMA_VERSION if exc.field == "schema" else decoding.INVALID
             return self._reject(HeartbeatRejected(reason, str(exc), agent_id), received_at)
+        if used == "previous agent key" or (used == "shared secret"
+                                            and self.verifier.lab_secrets):
+            self._note_old_key(snap["agent_id"], used, received_at)
         return Checked(snap, text, received_at, redelivered)
+
+    def _note_old_key(self, agent_id: str, used: KeyUsed, now: float) -> None:
+        """Name an agent that signs with the previous lab secret's key or the shared
+        secret (at most once per :data:`OLD_KEY_LOG_SECONDS` per agent)."""
+        if now - self._old_key_logged.get(agent_id, -OLD_KEY_LOG_SECONDS) \
+                < OLD_KEY_LOG_SECONDS:
+            return
+        self._old_key_logged[agent_id] = now
+        what, old = (("its key from the previous lab secret", "heartbeat_lab_secret_previous")
+                     if used == "previous agent key"
+                     else ("the shared heartbeat_secret", "heartbeat_secret"))
+        log.info("agent %s signs with %s; give it its key from the current lab secret "
+                 "(heartbeat_key: `chiffon signing-key %s`) before %s is dropped",
+                 agent_id, what, agent_id, old)
 
     def sequence(self, checked: Checked) -> Outcome:
         """Decide a checked heartbeat against its agent's state (and advance the state)."""
@@ -297,12 +361,12 @@ class HeartbeatJudge:
                                                received_at):
                 # the process that superseded this boot is gone: this one is the live one
                 verdict = liveness.Sequencing(liveness.Verdict.RESTART)
-            elif not self.secret:
+            elif not self.verifier.required:
                 return self._conflict(snap, memory, received_at)
         if not verdict.accepted:
             if redelivered:
                 return self._ignore("redelivered", agent_id, received_at)
-            if self.secret:
+            if self.verifier.required:
                 return self._reject(HeartbeatRejected(
                     decoding.REPLAYED, f"{verdict.verdict.value}: seq {seq} of boot {boot_id} "
                     f"after seq {prev.seq if prev else '-'}", agent_id), received_at)

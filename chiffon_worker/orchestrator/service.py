@@ -28,7 +28,7 @@ from chiffon_worker.orchestrator.drain_enforcer import DrainEnforcer
 from chiffon_worker.orchestrator.exporter import MetricsServer, OrchestratorCollector
 from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
 from chiffon_worker.orchestrator.ingest_counters import IngestStats
-from chiffon_worker.orchestrator.judge import HeartbeatJudge
+from chiffon_worker.orchestrator.judge import HeartbeatJudge, verifier_of
 from chiffon_worker.orchestrator.leadership import CHECK_SECONDS, Leadership
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.orchestrator.worker_events import WorkerEventListener
@@ -106,7 +106,7 @@ class Orchestrator:
                      len(self.registry.agent_ids()))
             # the judge learns each agent's state from the registry in its first batch
             judge = HeartbeatJudge((), history_points=self.registry.history_points,
-                                   secret=self.config.heartbeat_secret, stats=stats)
+                                   verifier=verifier_of(self.config), stats=stats)
             self.consumer = HeartbeatConsumer(
                 self.config.effective_broker_url, judge, BatchWriter(self.registry, stats=stats),
                 queue=self.queue,
@@ -121,7 +121,7 @@ class Orchestrator:
                      "signed heartbeats %s", mask_url(self.config.effective_broker_url),
                      self.registry.masked_url, self.queue,
                      f"port {self.metrics.port}" if self.metrics else "off",
-                     "required" if self.config.heartbeat_secret else "not required")
+                     judge.verifier.describe())
             if self._stop.is_set():
                 return
             self._lead_thread = threading.Thread(target=self._lead, daemon=True,

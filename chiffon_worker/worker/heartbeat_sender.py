@@ -32,7 +32,7 @@ from kombu.common import ignore_errors
 from kombu.exceptions import OperationalError
 
 from chiffon_worker.config import Config, mask_url
-from chiffon_worker.signing import sign_snapshot
+from chiffon_worker.signing import agent_signing_key, sign_snapshot
 from chiffon_worker.wire import HEARTBEAT_TASK
 from chiffon_worker.worker.latest_snapshot import record_snapshot
 
@@ -74,7 +74,9 @@ class HeartbeatSender:
     """Publishes heartbeats of ``take_snapshot()`` through ``app`` (one thread at a time).
 
     ``app``: the agent's Celery app (its routes send ``chiffon.heartbeat`` through the
-    heartbeat exchange); ``config``: intervals, secret and broker URL for log lines.
+    heartbeat exchange); ``config``: intervals, signing key (``heartbeat_key``, else one
+    derived from ``heartbeat_lab_secret``, else ``heartbeat_secret``) and broker URL for
+    log lines.
     """
 
     def __init__(self, app: Any, config: Config,
@@ -91,8 +93,11 @@ class HeartbeatSender:
         config = self.config
         snapshot = self.take_snapshot()
         record_snapshot(snapshot)
-        if config.heartbeat_secret:
-            snapshot = sign_snapshot(snapshot, config.heartbeat_secret)
+        key = agent_signing_key(snapshot["agent_id"], heartbeat_key=config.heartbeat_key,
+                                lab_secret=config.heartbeat_lab_secret,
+                                shared_secret=config.heartbeat_secret)
+        if key:
+            snapshot = sign_snapshot(snapshot, key)
         producer = self.producer()
         connection = self._connection
         errors = (OperationalError, OSError, *connection.connection_errors,

@@ -64,7 +64,8 @@ def test_env_aliases_are_derived_from_the_declarations() -> None:
 
 
 def test_secret_and_url_keys_are_derived_from_the_declarations() -> None:
-    assert frozenset({"rabbitmq_password", "heartbeat_secret"}) == SECRET_KEYS
+    assert frozenset({"rabbitmq_password", "heartbeat_secret", "heartbeat_key",
+                      "heartbeat_lab_secret", "heartbeat_lab_secret_previous"}) == SECRET_KEYS
     assert frozenset({"broker_url", "result_backend", "database_url"}) == URL_KEYS
 
 

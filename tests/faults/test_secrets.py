@@ -3,8 +3,10 @@
 An agent and the orchestrator run with real passwords: a RabbitMQ user of their own
 (``chiffon_t_<hex>``, in a vhost of its own on the machine's broker, both deleted
 afterwards), a PostgreSQL URL with a password (the machine's server trusts local
-connections, so any password works) pointing at a database of their own, and a
-``heartbeat_secret`` signing every heartbeat. Each secret carries a distinctive token;
+connections, so any password works) pointing at a database of their own, and signed
+heartbeats: the orchestrator holds a lab secret, the one before it and the older shared
+``heartbeat_secret``; the agent signs every heartbeat with its own key derived from the
+lab secret (``heartbeat_key``). Each secret carries a distinctive token;
 none may appear, raw or URL-encoded, in any log line or command output. The run must
 also work (the agent shows up online in ``chiffon status``), so the secrets were really
 in use and not silently ignored.
@@ -29,6 +31,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.signing import derive_agent_key
 from chiffon_worker.wire import HEARTBEAT_QUEUE
 from tests.conftest import missing_service as unavailable
 from tests.integration.helpers import (
@@ -44,12 +47,17 @@ BIN = Path(sys.executable).parent
 CHIFFON = str(BIN / "chiffon")
 CELERY = str(BIN / "celery")
 TAG = uuid.uuid4().hex[:12]
+AGENT_ID = f"t-agent-{TAG}"
+LAB_SECRET = f"lab{TAG}!secret"
 #: name -> secret. Each holds a distinctive token (the secret up to its "!"), and the "!"
 #: makes it different from its URL-encoded form.
 SECRETS = {
     "rabbitmq password": f"rmq{TAG}!pw",
     "database password": f"pg{TAG}!pw",
     "heartbeat secret": f"hb{TAG}!key",
+    "heartbeat lab secret": LAB_SECRET,
+    "previous heartbeat lab secret": f"oldlab{TAG}!secret",
+    "agent's heartbeat key": derive_agent_key(LAB_SECRET, AGENT_ID),
     "redis password": f"redis{TAG}!pw",
     "wrong rabbitmq password": f"bad{TAG}!pw",
 }
@@ -179,6 +187,8 @@ def lab(rabbit_user: str, database: str, tmp_path_factory: pytest.TempPathFactor
         "CHIFFON_BROKER_URL": BROKER_URL,
         "CHIFFON_DATABASE_URL": database,
         "CHIFFON_HEARTBEAT_SECRET": SECRETS["heartbeat secret"],
+        "CHIFFON_HEARTBEAT_LAB_SECRET": SECRETS["heartbeat lab secret"],
+        "CHIFFON_HEARTBEAT_LAB_SECRET_PREVIOUS": SECRETS["previous heartbeat lab secret"],
         "CHIFFON_STATE_DIR": str(tmp / "orchestrator-state"),
         "CHIFFON_LOG_LEVEL": "DEBUG",  # every log line there is
     })
@@ -193,8 +203,9 @@ def lab(rabbit_user: str, database: str, tmp_path_factory: pytest.TempPathFactor
             assert orchestrator.poll() is None, orchestrator_log.read_text()
             assert time.monotonic() < deadline, orchestrator_log.read_text()
             time.sleep(0.05)
-        agent = start_agent(tmp, BROKER_URL, extra_env={
+        agent = start_agent(tmp, BROKER_URL, agent_id=AGENT_ID, extra_env={
             "CHIFFON_HEARTBEAT_SECRET": SECRETS["heartbeat secret"],
+            "CHIFFON_HEARTBEAT_KEY": SECRETS["agent's heartbeat key"],
             "CHIFFON_DATABASE_URL": database,
             "CHIFFON_LOG_LEVEL": "DEBUG",
         })
@@ -208,10 +219,12 @@ def lab(rabbit_user: str, database: str, tmp_path_factory: pytest.TempPathFactor
                 time.sleep(0.1)
 
         cli_env = {**env, "CHIFFON_RABBITMQ_PASSWORD": SECRETS["rabbitmq password"],
-                   "CHIFFON_RESULT_BACKEND": RESULT_BACKEND}
+                   "CHIFFON_RESULT_BACKEND": RESULT_BACKEND,
+                   "CHIFFON_HEARTBEAT_KEY": SECRETS["agent's heartbeat key"]}
         agent_env = agent_environment(tmp / "inspect-home", {
             "CHIFFON_BROKER_URL": BROKER_URL,
-            "CHIFFON_HEARTBEAT_SECRET": SECRETS["heartbeat secret"]})
+            "CHIFFON_HEARTBEAT_SECRET": SECRETS["heartbeat secret"],
+            "CHIFFON_HEARTBEAT_KEY": SECRETS["agent's heartbeat key"]})
         unreachable_port = free_port()
         unreachable = {**env, "CHIFFON_DATABASE_URL": DATABASE_URL.replace(
             "127.0.0.1:5432", f"127.0.0.1:{unreachable_port}")}
@@ -257,6 +270,10 @@ def test_the_secrets_were_really_in_use(lab: Lab) -> None:
     assert agents[lab.agent.agent_id]["state"] == "online"
     assert "signature" not in agents[lab.agent.agent_id]
     assert "WARNING" not in lab.outputs["orchestrator log"]  # no heartbeat rejected
+    assert "signed heartbeats required (agent keys, previous agent keys, shared secret)" \
+        in lab.outputs["orchestrator log"]
+    assert "signs with the shared heartbeat_secret" not in lab.outputs["orchestrator log"], \
+        "the agent signs with its own key"
     inspect = lab.results["celery inspect chiffon_metrics"]
     assert inspect.returncode == 0 and lab.agent.agent_id in inspect.stdout, shown(inspect)
     submit = lab.results["chiffon submit --wait"]
@@ -272,7 +289,9 @@ def test_config_show_says_each_secret_is_set_but_masks_it(lab: Lab) -> None:
     assert values["database_url"] == f"postgresql+psycopg://postgres:**@127.0.0.1:5432/{DATABASE}"
     assert values["result_backend"] == "redis://:**@127.0.0.1:6379/0"
     assert values["rabbitmq_password"] == "**"
-    assert values["heartbeat_secret"] == "**"
+    for key in ("heartbeat_secret", "heartbeat_key", "heartbeat_lab_secret",
+                "heartbeat_lab_secret_previous"):
+        assert values[key] == "**", key
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
