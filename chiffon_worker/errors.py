@@ -109,6 +109,31 @@ class BrokerTlsFailed(BrokerLoginRefused):
     at fault; ``masked_url`` must already hide the password."""
 
 
+class BrokerPermissionRefused(BrokerLoginRefused):
+    """The broker let the user in but refused it a permission (RabbitMQ ``ACCESS_REFUSED``
+    on a declare, bind, consume or publish): the user's permissions do not fit its role, a
+    configuration problem like a refused login (exit status 2, no retry). One line naming
+    ``what`` was refused (``chiffon submit``, ``the agent``...), its ``role`` (``agent``,
+    ``orchestrator``, ``submitter``, ``flower``), the user, the missing ``permission``
+    (``configure``, ``write``, ``read``) and the resource. Made by
+    :func:`chiffon_worker.broker_permissions.permission_refused`."""
+
+    def __init__(self, what: str, role: str, *, permission: str, kind: str, name: str,
+                 vhost: str, user: str) -> None:
+        self.what = what
+        self.role = role
+        self.permission = permission
+        self.kind = kind
+        self.name = name
+        self.vhost = vhost
+        self.user = user
+        self.masked_url = ""
+        self.problem = (f"user '{user}' has no {permission} permission on {kind} '{name}' "
+                        f"in vhost '{vhost}'")
+        ChiffonError.__init__(self, one_line(
+            f"the broker refused {what} ({role}): {self.problem}; see docs/security.md"))
+
+
 #: What to fix when the broker refuses a login.
 LOGIN_HINT = "check broker_url's user and password"
 #: The same for RabbitMQ, whose URL may be built from the ``rabbitmq_*`` keys.

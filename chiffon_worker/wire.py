@@ -29,6 +29,8 @@ AGENT_QUEUE_PREFIX = "chiffon.agent."
 #: (``worker.online``, ``worker.heartbeat``, ``worker.offline``).
 WORKER_EVENTS_EXCHANGE = "celeryev"
 WORKER_EVENTS_ROUTING_KEY = "worker.#"
+#: Prefix of the orchestrator's private worker-event queue (``<prefix><id>.<time>``).
+ORCHESTRATOR_EVENTS_QUEUE_PREFIX = "chiffon.orchestrator.events."
 #: Routing key of Celery's task events (task-received, -started, -succeeded, -failed...).
 TASK_EVENTS_ROUTING_KEY = "task.#"
 #: Celery's remote-control mailbox (its fanout exchange is ``celery.pidbox``) and its

@@ -5,7 +5,9 @@ PAYLOAD is JSON text, ``@path`` (a file of JSON) or ``-`` (JSON on stdin), at mo
 protocol's :data:`~chiffon_worker.protocol.MAX_MESSAGE_BYTES`. Before anything is sent the
 broker is reached once (a refused login is exit status 2, as a bad config file), and a
 pool submit checks that the pool has an online agent (``--queue-anyway`` skips that), so
-work never waits for ever in a queue nobody consumes. Broker faults are one line.
+work never waits for ever in a queue nobody consumes. Broker faults are one line; a
+declare or publish the broker refuses for want of a permission (publishes are confirmed)
+is exit status 2 and one line naming the role (submitter) and the missing permission.
 
 Routing reads the registry, so the handler imports the orchestrator extra lazily (see
 :mod:`chiffon_worker.cli.orchestrator_extra`).
@@ -23,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from chiffon_worker.broker_permissions import SUBMITTER, permission_refused
 from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.cli.command_types import Subcommands
 from chiffon_worker.cli.orchestrator_extra import needs_orchestrator_extra
@@ -189,9 +192,10 @@ def _describe(exc: BaseException) -> str:
 
 @contextmanager
 def broker_faults(broker_url: str, tls: BrokerTls | None = None) -> Iterator[None]:
-    """Turn broker errors raised in the block into one-line ChiffonErrors: a refused login
-    or a failed TLS handshake (also one wrapped in a ChiffonError) into BrokerLoginRefused
-    or BrokerTlsFailed (exit 2), anything else into ``broker <url>: <what happened>``
+    """Turn broker errors raised in the block into one-line ChiffonErrors: a permission
+    the broker refused into BrokerPermissionRefused (role submitter), a refused login or a
+    failed TLS handshake (also one wrapped in a ChiffonError) into BrokerLoginRefused or
+    BrokerTlsFailed (all exit 2), anything else into ``broker <url>: <what happened>``
     (exit 1). The URL is shown masked; ``tls`` names the TLS files at fault."""
     errors = _broker_error_types()
     masked = mask_url(broker_url)
@@ -199,12 +203,14 @@ def broker_faults(broker_url: str, tls: BrokerTls | None = None) -> Iterator[Non
     try:
         yield
     except ChiffonError as exc:
-        refused = tls.refusal(masked, exc)
+        refused = permission_refused("chiffon submit", SUBMITTER, exc) \
+            or tls.refusal(masked, exc)
         if refused is None:
             raise
         raise refused from None
     except errors as exc:
-        refused = tls.refusal(masked, exc)
+        refused = permission_refused("chiffon submit", SUBMITTER, exc) \
+            or tls.refusal(masked, exc)
         raise refused or ChiffonError(f"broker {masked}: {_describe(exc)}") from None
 
 

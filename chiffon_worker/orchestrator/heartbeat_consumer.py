@@ -17,7 +17,10 @@ The broker may go away at any time: the consumer reconnects with exponential bac
 that refuses the login (AMQP ``ACCESS_REFUSED``, Redis ``AuthenticationError``), or a
 TLS handshake that fails (:class:`~chiffon_worker.errors.BrokerTlsFailed`), is a
 configuration problem, not an outage: :meth:`~HeartbeatConsumer.run` raises
-:class:`~chiffon_worker.errors.BrokerLoginRefused` at once instead of retrying. If the
+:class:`~chiffon_worker.errors.BrokerLoginRefused` at once instead of retrying; so does a
+permission the broker refuses (declaring, binding or consuming the heartbeat queue):
+:class:`~chiffon_worker.errors.BrokerPermissionRefused`, one line naming the role
+(orchestrator) and the permission. If the
 registry cannot be written, the batch is retried after each of ``write_retry_delays``
 seconds and then :class:`~chiffon_worker.errors.RegistryError` ends :meth:`run` (the
 unacked messages go back to the queue).
@@ -36,6 +39,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Consumer
 
+from chiffon_worker.broker_permissions import ORCHESTRATOR, permission_refused
 from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import RegistryError
@@ -150,10 +154,12 @@ class HeartbeatConsumer:
         self._salvage()
 
     def _stop_if_refused(self, exc: BaseException, node_url: str) -> None:
-        """Raise BrokerLoginRefused if ``exc`` is a refused login or a failed TLS handshake
-        (BrokerTlsFailed) with ``node_url``, after committing what was judged (the unacked
-        deliveries go back to the queue)."""
-        refused = self.tls.refusal(self.masked_url, exc, node_url)
+        """Raise BrokerLoginRefused if ``exc`` is a refused login, a refused permission
+        (BrokerPermissionRefused) or a failed TLS handshake (BrokerTlsFailed) with
+        ``node_url``, after committing what was judged (the unacked deliveries go back to
+        the queue)."""
+        refused = permission_refused("chiffon orchestrator", ORCHESTRATOR, exc) \
+            or self.tls.refusal(self.masked_url, exc, node_url)
         if refused is not None:
             self._salvage()
             raise refused from None

@@ -14,7 +14,11 @@ Work is published as the Celery task ``chiffon.execute_work`` with the request d
 one argument, JSON-serialised, with task id = ``work_id`` (so the result can be fetched
 through the result backend by id). A pool submit goes to the queue named like the pool;
 a capacity submit goes to ``chiffon.agent.<agent_id>`` of the chosen agent. Both queues
-are durable with a direct exchange of the same name and routing key = queue name.
+are durable with a direct exchange of the same name and routing key = queue name, and work
+is published through that exchange (not Celery's default-exchange shortcut: write on
+``amq.default`` would let a submitter put messages into *any* queue, heartbeats included;
+docs/security.md). Publishes are confirmed by the broker, so one it refuses (a user
+without write permission) fails the submit instead of vanishing.
 
 Capacity routing (``needs``, in the snapshot's units): ``gpu_vram_gb`` (GiB free VRAM on
 the primary GPU), ``cores`` (``cpu_cores_available``), ``memory_gb`` (GiB available
@@ -46,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import AMQPError
 from kombu.entity import Queue
 from kombu.exceptions import OperationalError
 
@@ -306,6 +311,8 @@ class Router:
                 task_serializer="json", result_serializer="json", accept_content=["json"],
                 result_accept_content=["json"], task_protocol=2,
                 broker_connection_retry_on_startup=True, task_publish_retry=True,
+                # a publish the broker refuses (ACCESS_REFUSED) raises instead of vanishing
+                broker_transport_options={"confirm_publish": True},
                 **self.tls.celery_settings(self.broker_url, self.result_backend),
             )
             self._app = app
@@ -343,12 +350,17 @@ class Router:
         try:
             async_result = self.app.send_task(
                 EXECUTE_WORK_TASK, args=[request.to_dict()], task_id=request.work_id,
-                queue=declaration, serializer="json")
+                queue=declaration, exchange=declaration.exchange.name,
+                routing_key=declaration.routing_key, serializer="json")
         except (OSError, OperationalError) as exc:
             if agent_id is not None:
                 self.registry.cancel_reservation(request.work_id)
             raise RoutingError(f"cannot publish to {queue} on {mask_url(self.broker_url)}: "
                                f"{exc}") from None
+        except AMQPError:  # refused by the broker (a permission): the caller says why
+            if agent_id is not None:
+                self.registry.cancel_reservation(request.work_id)
+            raise
         log.info("work %s (%s) -> %s", request.work_id, request.work_type, queue)
         return Submission(request, queue, agent_id, async_result, on_result=on_result)
 

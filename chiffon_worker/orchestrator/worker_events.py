@@ -15,7 +15,9 @@ A worker named ``<agent_id>@<host>`` (the agent's default name) is matched to th
 broker traffic this reads is what every agent already sends for Flower: one event of
 about 280 bytes of body every 2 s per agent (~8.4 KB a minute; ``bench/liveness.py``).
 
-A broker that refuses the login ends the listener instead of being retried: it keeps the
+A broker that refuses the login, or a permission (declaring or binding its event queue,
+consuming it, asking workers for heartbeats: BrokerPermissionRefused, naming the role
+orchestrator and the permission), ends the listener instead of being retried: it keeps the
 :class:`~chiffon_worker.errors.BrokerLoginRefused` in :attr:`WorkerEventListener.refused`
 and calls ``on_refused`` with it (the orchestrator stops with exit status 2).
 """
@@ -34,6 +36,7 @@ from kombu.entity import Queue, binding
 from kombu.messaging import Consumer
 from kombu.pidbox import Mailbox
 
+from chiffon_worker.broker_permissions import ORCHESTRATOR, permission_refused
 from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import BrokerLoginRefused, RegistryError
@@ -43,6 +46,7 @@ from chiffon_worker.wire import (
     CONTROL_MAILBOX,
     EXECUTE_WORK_TASK,
     HEARTBEAT_CONTROL_COMMAND,
+    ORCHESTRATOR_EVENTS_QUEUE_PREFIX,
     TASK_EVENTS_ROUTING_KEY,
     WORKER_EVENTS_EXCHANGE,
     WORKER_EVENTS_ROUTING_KEY,
@@ -137,7 +141,8 @@ class WorkerEventListener:
     def _refused(self, exc: BaseException, node_url: str) -> bool:
         """If ``exc`` is a refused login or a failed TLS handshake with ``node_url``: keep
         it, stop, tell ``on_refused``; returns whether it was."""
-        refused = self.tls.refusal(mask_url(self.broker_url), exc, node_url)
+        refused = permission_refused("chiffon orchestrator", ORCHESTRATOR, exc) \
+            or self.tls.refusal(mask_url(self.broker_url), exc, node_url)
         if refused is None:
             return False
         self.refused = refused
@@ -152,7 +157,7 @@ class WorkerEventListener:
         keys = [WORKER_EVENTS_ROUTING_KEY, TASK_EVENTS_ROUTING_KEY]
         if exchange.type == "fanout":  # Redis: every event arrives through one binding
             keys = keys[:1]
-        queue = Queue(f"chiffon.orchestrator.events.{id(self):x}.{int(time.time())}",
+        queue = Queue(f"{ORCHESTRATOR_EVENTS_QUEUE_PREFIX}{id(self):x}.{int(time.time())}",
                       bindings=[binding(exchange, routing_key=key) for key in keys],
                       auto_delete=True, durable=False, exclusive=True, message_ttl=10.0)
         consumer = Consumer(conn.channel(), queues=[queue], callbacks=[self.record_event],

@@ -7,8 +7,11 @@
 - A broker that refuses the login, or a TLS handshake that fails for good (an untrusted,
   expired or misnamed certificate, a client certificate refused: see
   :mod:`chiffon_worker.broker_tls`), is a configuration problem, not an outage: one line and
-  exit status 2, as for a bad config file. So is a second agent with the same name (agent id
-  and host) as a running one: RabbitMQ locks the first one's remote-control queue.
+  exit status 2, as for a bad config file. So is a permission the broker refuses (declaring,
+  binding or consuming the agent's queues: one line naming the role, agent, and the
+  permission; :mod:`chiffon_worker.broker_permissions`), and a second agent with the same
+  name (agent id and host) as a running one: RabbitMQ locks the first one's remote-control
+  queue.
 - A task message with a broken envelope is logged and dropped, never requeued (Celery lets
   the parse error escape: "Unrecoverable error", and the requeued message kills the next
   start too).
@@ -26,6 +29,7 @@ from typing import Any
 from amqp.exceptions import AccessRefused, ResourceLocked
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
+from chiffon_worker.broker_permissions import AGENT, permission_refused
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import EXIT_CONFIG, BrokerTlsFailed
 from chiffon_worker.worker.runtime import get_config
@@ -97,10 +101,17 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
         super().__init__(*args, worker_options=options, **kwargs)
 
     def start(self) -> Any:
-        """Celery's start; a worker of the same name already running ends this one with one
-        line and exit status 2 (the shipped unit does not restart it)."""
+        """Celery's start; a permission the broker refuses, or a worker of the same name
+        already running, ends this one with one line and exit status 2 (the shipped unit
+        does not restart it)."""
         try:
             return super().start()
+        except AccessRefused as exc:
+            refused = permission_refused("the agent", AGENT, exc)
+            if refused is None:
+                raise
+            log.error("%s", refused)
+            raise SystemExit(EXIT_CONFIG) from None
         except ResourceLocked as exc:
             # the exclusive remote-control queue <name>.celery.pidbox is held by a live
             # worker of the same name: the same agent_id already runs on this host

@@ -19,6 +19,11 @@ with publisher confirms (a dead connection is noticed on the spot, not one heart
 later); after a failure the connection is thrown away and the next heartbeat, one interval
 later, starts from a fresh one. An outage costs the heartbeats it spans, each logged as
 one line, and no more.
+
+Least privilege: on RabbitMQ the heartbeat route is declared only when it is missing and
+the agent's user may (:mod:`.heartbeat_route`; an agent's user may only write to
+``chiffon.heartbeats``, the orchestrator declares it). A heartbeat the broker refuses for
+want of a permission stops the agent with one line and exit status 2, as a refused login.
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery.worker import state as worker_state
 from kombu.common import ignore_errors
 from kombu.exceptions import OperationalError
 
+from chiffon_worker.broker_permissions import AGENT, permission_refused
 from chiffon_worker.config import Config, mask_url
+from chiffon_worker.errors import EXIT_CONFIG
 from chiffon_worker.signing import agent_signing_key, sign_snapshot
-from chiffon_worker.wire import HEARTBEAT_TASK
+from chiffon_worker.wire import HEARTBEAT_TASK, heartbeat_queue
+from chiffon_worker.worker.heartbeat_route import HeartbeatRouteMissing, declarations
 from chiffon_worker.worker.latest_snapshot import record_snapshot
 
 log = logging.getLogger(__name__)
@@ -87,6 +96,9 @@ class HeartbeatSender:
         self._failing_since: float | None = None
         self._connection: Any = None
         self._producer: Any = None
+        #: what publishing declares on this connection (None: not asked yet; see
+        #: heartbeat_route: nothing on RabbitMQ, where agents may lack the permission)
+        self._declare: list[Any] | None = None
 
     def send(self) -> bool:
         """Take a snapshot and publish it; False (one WARNING line) when the broker is away."""
@@ -103,8 +115,11 @@ class HeartbeatSender:
         errors = (OperationalError, OSError, *connection.connection_errors,
                   *connection.channel_errors)
         try:
+            if self._declare is None:
+                self._declare = declarations(
+                    connection, heartbeat_queue(queue_type=config.queue_type))
             self.app.send_task(
-                HEARTBEAT_TASK, args=[snapshot], producer=producer,
+                HEARTBEAT_TASK, args=[snapshot], producer=producer, declare=self._declare,
                 expires=config.heartbeat_timeout_seconds, delivery_mode=1,
                 # no result: else the rpc:// backend declares a reply queue per agent run
                 ignore_result=True,
@@ -114,8 +129,16 @@ class HeartbeatSender:
                 event_dispatcher=NO_SENT_EVENT,
                 retry=True, retry_policy=PUBLISH_RETRY_POLICY,
             )
+        except HeartbeatRouteMissing as exc:
+            self.close()
+            log.warning("heartbeat seq %d not sent: %s", snapshot["seq"], exc)
+            return False
         except errors as exc:
             self.close()
+            refused = permission_refused("the agent's heartbeat", AGENT, exc)
+            if refused is not None:
+                stop_the_agent(refused)
+                return False
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
             log.warning("cannot reach broker at %s: %s; heartbeat seq %d not sent; "
@@ -140,8 +163,21 @@ class HeartbeatSender:
     def close(self) -> None:
         """Drop the connection (the next :meth:`send` opens a fresh one)."""
         connection, self._connection, self._producer = self._connection, None, None
+        self._declare = None
         if connection is not None:
             ignore_errors(connection, connection.release)
+
+
+def stop_the_agent(refused: BaseException) -> None:
+    """A heartbeat the broker refused for want of a permission: the agent says so in one
+    ERROR line and stops with exit status 2 (no restart loop: the shipped unit does not
+    restart on 2), as for a refused login. An agent whose heartbeats cannot go out is
+    invisible to the orchestrator. The worker stops at its next loop turn (Celery's
+    ``state.should_stop``, as its signal handlers do: this runs in the beat thread)."""
+    if worker_state.should_stop == EXIT_CONFIG:
+        return  # said already (another heartbeat went out before the worker stopped)
+    log.error("%s", refused)
+    worker_state.should_stop = EXIT_CONFIG
 
 
 def short_reason(exc: BaseException) -> str:

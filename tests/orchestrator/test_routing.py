@@ -167,7 +167,7 @@ def test_a_submitter_can_wait_for_the_work_result_through_the_rpc_backend(
                            task_default_queue=pool, worker_hijack_root_logger=False,
                            broker_heartbeat=0)  # else the test worker takes 9 s to stop
 
-    @worker_app.task(name="chiffon.execute_work")
+    @worker_app.task(name="chiffon.execute_work", shared=False)  # not on later apps
     def execute_work(request: dict[str, Any]) -> dict[str, Any]:
         work = WorkRequest.from_json(request)
         return WorkResult.success(work, {"echo": work.payload}, "test-agent", 0.01).to_dict()
