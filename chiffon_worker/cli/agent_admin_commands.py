@@ -92,6 +92,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         requested_at = registry.drain(record.agent_id, by)
     with AgentControl(config.effective_broker_url, tls=config.tls_to_broker) as control:
         answer = control.drain(record, by=by, at=requested_at)
+    if answer.fatal is not None:  # a refused login or permission, a failed TLS handshake
+        raise answer.fatal
     if answer.refusal is not None:
         raise _refused(record, "drain", answer)
     if answer.answered:
@@ -117,6 +119,8 @@ def cmd_undrain(args: argparse.Namespace) -> int:
         had_request = registry.undrain(record.agent_id)
     with AgentControl(config.effective_broker_url, tls=config.tls_to_broker) as control:
         answer = control.undrain(record)
+    if answer.fatal is not None:  # a refused login or permission, a failed TLS handshake
+        raise answer.fatal
     if answer.refusal is not None:
         raise _refused(record, "undrain", answer)
     if not answer.answered:

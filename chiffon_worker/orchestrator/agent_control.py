@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
+from chiffon_worker.broker_permissions import permission_refused
 from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
+from chiffon_worker.errors import BrokerLoginRefused
 from chiffon_worker.wire import DRAIN_CONTROL_COMMAND, UNDRAIN_CONTROL_COMMAND
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ class ControlAnswer:
     answer: dict[str, Any] | None = None
     error: str | None = None
     worker: str = ""
+    #: a fault retrying cannot fix (a refused login or permission, a failed TLS
+    #: handshake), as the one-line error the command stops with
+    fatal: BrokerLoginRefused | None = None
 
     @property
     def answered(self) -> bool:
@@ -104,7 +109,8 @@ class AgentControl:
         """Send ``command`` to ``record``'s worker alone and wait for its answer."""
         name = worker_name(record)
         connection = self.app.connection_for_write()
-        errors = (OperationalError, OSError, *connection.connection_errors)
+        errors = (OperationalError, OSError, *connection.connection_errors,
+                  *connection.channel_errors)
         try:
             connection.ensure_connection(max_retries=1, interval_start=0.2,
                                          timeout=CONNECT_TIMEOUT_SECONDS)
@@ -113,8 +119,12 @@ class AgentControl:
                 timeout=self.reply_timeout_seconds, connection=connection)
         except errors as exc:
             log.debug("cannot send %s to %s: %s", command, name, exc)
-            return ControlAnswer(error=f"cannot reach the broker at "
-                                       f"{mask_url(self.broker_url)}: {exc}", worker=name)
+            masked = mask_url(self.broker_url)
+            fatal = permission_refused(f"chiffon {command.removeprefix('chiffon_')}",
+                                       "submitter", exc) or self.tls.refusal(masked, exc)
+            return ControlAnswer(error=str(fatal) if fatal else
+                                 f"cannot reach the broker at {masked}: {exc}",
+                                 worker=name, fatal=fatal)
         finally:
             connection.release()
         for reply in replies or ():

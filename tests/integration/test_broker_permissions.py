@@ -431,3 +431,16 @@ def test_a_refused_login_or_vhost_is_not_a_permission_denial() -> None:
                         "PLAIN. For details see the broker logfile.") is None
     assert parse_denial("ACCESS_REFUSED - access to vhost 'lab' refused for user 'desk7'",
                         (10, 40)) is None
+
+
+def test_chiffon_drain_without_write_permission_exits_2_with_one_line(lab: Lab) -> None:
+    agent_id = lab.agent.agent_id
+    try:
+        done = lab.chiffon("submitter-without-write", "drain", agent_id)
+    finally:
+        lab.chiffon("submitter", "undrain", agent_id)  # the drain was recorded first
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(
+        f"chiffon: error: the broker refused chiffon drain (submitter): user "
+        f"'{lab.users['submitter-without-write']}' has no "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
