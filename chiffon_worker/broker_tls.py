@@ -300,8 +300,11 @@ class BrokerTls:
             name = self.server_name_for(node)
             where = f"{NAME_KEY} {name!r}" if self.server_name else f"{name!r} (the host of " \
                                                                     f"the broker URL)"
+            # redis-py checks the URL's host and has no override (settings_problem)
+            instead = "write a name it holds in the broker URL" if scheme_of(node) == "rediss" \
+                else f"set {NAME_KEY} to a name it holds"
             return (f"the broker's certificate does not hold the name {where} ({said}); "
-                    f"reissue it with that name, or set {NAME_KEY} to a name it holds")
+                    f"reissue it with that name, or {instead}")
         return f"the broker's certificate failed verification ({said})"
 
 

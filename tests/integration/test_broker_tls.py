@@ -2,21 +2,27 @@
 requires a client certificate (``verify_peer`` + ``fail_if_no_peer_cert``), and a
 throwaway CA made by ``openssl`` (tests/throwaway_ca.py).
 
-An agent and an orchestrator over ``amqps://`` run for the module; every way TLS can go
-wrong (wrong CA, expired certificate, wrong name, no or a rejected client certificate, an
-unreadable key, TLS options in the URL) stops the agent, the orchestrator and
-``chiffon submit`` with one line and exit status 2, no traceback (systemd's
-``RestartPreventExitStatus=2`` then leaves them stopped instead of looping).
+An agent and an orchestrator over ``amqps://`` run for the module (Flower, with the same
+settings, lists the agent); every way TLS can go wrong (wrong CA, expired certificate,
+wrong name, no or a rejected client certificate, an unreadable key, TLS options in the
+URL) stops the agent, the orchestrator and ``chiffon submit`` with one line and exit
+status 2, no traceback (systemd's ``RestartPreventExitStatus=2`` then leaves them stopped
+instead of looping). Redis over TLS: tests/integration/test_broker_tls_redis.py.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -39,6 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHIFFON = [sys.executable, "-m", "chiffon_worker.cli"]
 #: How long a process that must stop by itself may take (seconds).
 EXIT_TIMEOUT_S = 60.0
+FLOWER_USER, FLOWER_PASSWORD = "operator", "s3cret-test-only"
 
 
 @dataclass
@@ -162,6 +169,58 @@ def test_submit_over_tls_runs_work_on_the_agent_and_returns_its_result(fleet: Fl
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert (result["status"], result["agent_id"]) == ("success", fleet.agent.agent_id)
+
+
+def _flower_workers(url: str) -> dict[str, Any] | None:
+    """Flower's ``/api/workers`` answer (basic auth), None while it does not answer."""
+    request = urllib.request.Request(url)
+    token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            answer: dict[str, Any] = json.load(response)
+            return answer
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def test_flower_with_the_agents_tls_settings_lists_the_agent_over_tls(
+        fleet: Fleet, tls_node: TlsNode, tmp_path: Path) -> None:
+    # `celery -A chiffon_worker flower` takes the agent app's settings: broker_use_ssl too
+    port = private_rabbit.free_port()
+    env = tls_node.env(tmp_path / "home", CHIFFON_AGENT_ID=unique("t-flower"))
+    log_path = tmp_path / "flower.log"
+    with log_path.open("wb") as log:
+        flower = subprocess.Popen(
+            [str(CELERY), "-A", "chiffon_worker", "flower", "--address=127.0.0.1",
+             f"--port={port}", f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}"],
+            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    nodename = fleet.agent.nodename
+    url = (f"http://127.0.0.1:{port}/api/workers?refresh=1&workername="
+           f"{urllib.parse.quote(nodename)}")
+
+    def agent_listed() -> dict[str, Any] | None:
+        assert flower.poll() is None, log_path.read_text(errors="replace")
+        answer = _flower_workers(url)
+        return answer if answer and nodename in answer else None
+
+    try:
+        workers = wait_until(agent_listed, 30, lambda: f"Flower to list {nodename}:\n"
+                                                     f"{log_path.read_text(errors='replace')}",
+                             interval=0.2)
+    finally:
+        flower.send_signal(signal.SIGTERM)
+        try:
+            flower.wait(10)
+        except subprocess.TimeoutExpired:
+            flower.kill()
+            flower.wait(10)
+    assert workers[nodename]["stats"]["pid"] == fleet.agent.popen.pid  # the agent answered
+    flower_log = log_path.read_text(errors="replace")
+    assert f"Broker: {shown(tls_node.url)}" in flower_log  # the TLS port, nothing else
+    failures = [line for line in flower_log.splitlines()
+                if "Failed to capture events" in line or "Inspect method" in line]
+    assert failures == []
 
 
 # -- the wrong CA: one line, exit 2, for every program ----------------------------------------
