@@ -129,7 +129,8 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
 
         def ensure_connection(errback: Any = None, *args: Any, **kwargs: Any) -> Any:
             def on_error(exc: BaseException, interval: float) -> None:
-                failed = tls.failure(mask_url(conn.as_uri()), exc, conn.as_uri())
+                masked = mask_url(conn.as_uri(include_password=True))  # our masking rules
+                failed = tls.failure(masked, exc, masked)
                 if failed is not None:  # before Celery's "Cannot connect ... Trying again"
                     raise failed
                 if errback is not None:
@@ -143,7 +144,7 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
         except AccessRefused as exc:
             log.error("broker at %s refused the login (check rabbitmq_user, "
                       "rabbitmq_password, rabbitmq_vhost or broker_url): %s",
-                      mask_url(conn.as_uri()), exc.reply_text or exc)
+                      mask_url(conn.as_uri(include_password=True)), exc.reply_text or exc)
             raise SystemExit(EXIT_CONFIG) from None
         except BrokerTlsFailed as exc:
             log.error("%s", exc)
