@@ -53,6 +53,9 @@ DEFAULT_PREFETCH = 2000
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAX_DELAY_SECONDS = 0.25
 DEFAULT_WRITE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+#: The first wait before reconnecting to the broker (seconds); it doubles per failure up
+#: to ``reconnect_max_seconds``.
+RECONNECT_FIRST_DELAY_SECONDS = 1.0
 _AMQP_HEARTBEAT_SECONDS = 30
 _CONNECT_TIMEOUT_SECONDS = 5
 _READ_AHEAD_BYTES = 1 << 16
@@ -129,7 +132,7 @@ class HeartbeatConsumer:
     def run(self) -> None:
         """Consume until :meth:`stop`; reconnects on broker loss. Raises RegistryError, and
         BrokerLoginRefused when the broker refuses the login (retrying cannot fix that)."""
-        delay = 1.0
+        delay = RECONNECT_FIRST_DELAY_SECONDS
         while not self._stop.is_set():
             conn = self._connection()
             recoverable = (*conn.connection_errors, *conn.channel_errors, OSError)
@@ -137,7 +140,7 @@ class HeartbeatConsumer:
                 conn.connect()
                 # the URL connected to: one node of a failover list (password masked)
                 log.info("consuming %s on %s", self.queue_name, mask_url(conn.as_uri()))
-                delay = 1.0
+                delay = RECONNECT_FIRST_DELAY_SECONDS
                 self._consume(conn)
             except recoverable as exc:
                 self.ready.clear()

@@ -164,10 +164,14 @@ def _write_retry_total() -> tuple[float, ...]:
     return (sum(_default(HeartbeatConsumer.__init__, "write_retry_delays")),)
 
 
-def _consumer_reconnect_cap() -> tuple[float, ...]:
-    from chiffon_worker.orchestrator.heartbeat_consumer import HeartbeatConsumer
+def _consumer_reconnect_backoff() -> tuple[float, ...]:
+    from chiffon_worker.orchestrator.heartbeat_consumer import (
+        RECONNECT_FIRST_DELAY_SECONDS,
+        HeartbeatConsumer,
+    )
 
-    return (_default(HeartbeatConsumer.__init__, "reconnect_max_seconds"),)
+    return (RECONNECT_FIRST_DELAY_SECONDS,
+            _default(HeartbeatConsumer.__init__, "reconnect_max_seconds"))
 
 
 def _reservation_ttl() -> tuple[float, ...]:
@@ -267,9 +271,9 @@ QUOTES = [
           r"up to ([\d,]+) messages or ([\d.]+) s per transaction", _batch),
     Quote("registry-write-retries", "orchestrator.md",
           r"the batch is retried for about (\d+) s", _write_retry_total, rel_tol=0.1),
-    Quote("consumer-reconnect-cap", "orchestrator.md",
-          r"reconnects with backoff \([\d.]+ s doubling to ([\d.]+) s\)",
-          _consumer_reconnect_cap),
+    Quote("consumer-reconnect-backoff", "orchestrator.md",
+          r"reconnects with backoff \(([\d.]+) s doubling to ([\d.]+) s\)",
+          _consumer_reconnect_backoff),
     Quote("reservation-ttl", "orchestrator.md", r"`reservation_ttl_seconds` \(default (\d+)\)",
           _reservation_ttl),
     Quote("drain-resend", "orchestrator.md", r"\(at most once per (\d+) s\)", _drain_resend),
