@@ -322,7 +322,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         heartbeat_queue(queue)(Connection(BROKER).default_channel).declare()
         publish_seconds = fill_queue(queue, args.messages, args.agents, args.publishers,
                                      args.short_argsrepr)
-        depth = queue_depth(queue)
+        from bench.ingest_peers import wait_for_depth
+
+        depth = wait_for_depth(BROKER, queue, args.messages)  # publishes are asynchronous
         if depth != args.messages:
             raise SystemExit(f"queue holds {depth} messages, expected {args.messages}")
         if backend == "sqlite":
