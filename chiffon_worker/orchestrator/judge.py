@@ -77,6 +77,9 @@ LATE = "late"
 #: overtaken: one orchestrator would have seen them first), and are not counted.
 MAX_MISSED_SEQS = 64
 FIRST_SEQS_AWAITED = 8
+#: Superseded boots per agent whose highest seq is remembered (to tell a replay from a
+#: live process when signatures are required).
+_SUPERSEDED_KEPT = 4
 #: How often (seconds) an agent still signing with an old key (the previous lab secret's,
 #: the shared secret) is named in the log, so an operator sees who is left to re-key.
 OLD_KEY_LOG_SECONDS = 3600.0
@@ -192,7 +195,7 @@ class _AgentMemory:
 
     __slots__ = ("first_seen", "history_count", "hostname", "interval", "last_received",
                  "missed", "missed_seqs", "past_json", "restarts", "seq", "skew_warned",
-                 "skewed")
+                 "skewed", "superseded")
 
     def __init__(self, seq: liveness.SeqState, *, first_seen: float, restarts: int, missed: int,
                  history_count: int, skewed: bool, hostname: str, last_received: float,
@@ -210,6 +213,10 @@ class _AgentMemory:
         self.past_json = json.dumps(list(seq.past_boot_ids))
         #: sequence numbers of the current process counted missed (newest last)
         self.missed_seqs = list(missed_seqs)
+        #: superseded boot id -> the highest seq seen from it (this process's memory only):
+        #: with signatures required, a superseded boot's heartbeat beyond it is a live
+        #: process (a conflict), one at or below it a replay
+        self.superseded: dict[str, int] = {}
 
     @classmethod
     def of(cls, record: Stored) -> _AgentMemory:
@@ -363,6 +370,11 @@ class HeartbeatJudge:
                 verdict = liveness.Sequencing(liveness.Verdict.RESTART)
             elif not self.verifier.required:
                 return self._conflict(snap, memory, received_at)
+            elif seq > memory.superseded.get(boot_id, seq):
+                # signed, and newer than anything that boot sent before: not a replay of
+                # a captured message but a live process that holds the agent's key
+                memory.superseded[boot_id] = seq
+                return self._conflict(snap, memory, received_at)
         if not verdict.accepted:
             if redelivered:
                 return self._ignore("redelivered", agent_id, received_at)
@@ -407,6 +419,9 @@ class HeartbeatJudge:
         agent_id, seq = snap["agent_id"], snap["seq"]
         if verdict.verdict is liveness.Verdict.RESTART:
             _await_first_seqs(memory, seq)
+            memory.superseded[prev.boot_id] = prev.seq
+            while len(memory.superseded) > _SUPERSEDED_KEPT:
+                del memory.superseded[next(iter(memory.superseded))]
             memory.restarts += 1
             self.stats.restarts += 1
             memory.past_json = json.dumps(list(memory.seq.past_boot_ids))

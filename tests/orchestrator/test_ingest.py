@@ -272,6 +272,18 @@ def test_a_replayed_old_boot_is_rejected_when_signing_is_on(signed_ingestor: Fee
     assert signed_ingestor.stats.rejected["replayed"] == 1
 
 
+def test_with_signing_on_a_superseded_boot_still_sending_new_seqs_is_a_conflict_not_a_replay(
+        signed_ingestor: Feeder) -> None:
+    old = [sign_snapshot(make_snapshot(seq=n, boot_id="old"), SECRET) for n in (50, 51)]
+    new = sign_snapshot(make_snapshot(seq=1, boot_id="new", started_at=2e9), SECRET)
+    assert judge(signed_ingestor, task_body(old[0]))[0] == "accepted"
+    assert judge(signed_ingestor, task_body(new))[0] == "accepted"
+    # seq 51 of the old boot was never seen: signed, it comes from a live process
+    assert judge(signed_ingestor, task_body(old[1])) == ("ignored", "conflict")
+    assert judge(signed_ingestor, task_body(old[1])) == ("rejected", "replayed")
+    assert signed_ingestor.stats.rejected["replayed"] == 1
+
+
 def test_without_a_secret_a_signature_is_ignored(ingestor: Feeder) -> None:
     signed = sign_snapshot(make_snapshot(seq=1), "whatever")
     assert judge(ingestor, task_body(signed)) == ("accepted", "")
