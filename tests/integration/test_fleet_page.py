@@ -322,3 +322,19 @@ def test_the_fleet_page_shows_the_orchestrators_agents_by_pool_and_redraws_when_
             == "none"
         assert tab.evaluate("document.documentElement.scrollWidth") <= 390
     keep_screenshots(wide, phone)
+
+
+@pytest.mark.parametrize(("asked", "polled_every"), [
+    pytest.param("1e308", 3600, id="huge: capped (a longer browser timer fires at once)"),
+    pytest.param("0.001", 5, id="under a second: the server's advice"),
+    pytest.param("abc", 5, id="not a number: the server's advice"),
+])
+def test_the_page_polls_within_bounds_whatever_the_url_asks(
+        fleet: Fleet, tmp_path: Path, asked: str, polled_every: float) -> None:
+    with chromium(tmp_path) as browser:
+        tab = open_tab(browser, f"http://127.0.0.1:{fleet.port}/?poll={asked}")
+        scheduled = "window.chiffonFleet && window.chiffonFleet.pollSeconds"
+        wait_until(lambda: tab.evaluate(scheduled), 20, "the page to schedule its next poll")
+        assert tab.evaluate("window.chiffonFleet.pollSeconds") == polled_every
+        assert tab.evaluate("window.chiffonFleet.polls") == 1
+
