@@ -79,7 +79,7 @@ from chiffon_worker.settings_spec import (
     setting,
     url_with_scheme,
 )
-from chiffon_worker.signing import agent_key_problem
+from chiffon_worker.signing import agent_key_problem, lab_secret_problem
 
 if TYPE_CHECKING:
     from chiffon_worker.broker_tls import BrokerTls
@@ -286,10 +286,11 @@ class Config:
     heartbeat_lab_secret: str = setting(
         "", "orchestrator: the lab secret every agent's key is derived from (`chiffon "
         "init-config --with-secret` generates one); keep it on the orchestrator's host only; "
-        "blank: no agent keys", secret=True)
+        "blank: no agent keys", secret=True, check=lab_secret_problem)
     heartbeat_lab_secret_previous: str = setting(
         "", "orchestrator, during a rotation: the lab secret being replaced; agent keys "
-        "derived from it stay accepted until it is removed", secret=True)
+        "derived from it stay accepted until it is removed", secret=True,
+        check=lab_secret_problem)
     require_signed_heartbeats: str = setting(
         "auto", "orchestrator: reject unsigned heartbeats. auto: when heartbeat_lab_secret "
         "or heartbeat_secret is set; yes; no (a signature that is present is still "

@@ -115,6 +115,14 @@ def derive_agent_key(lab_secret: str, agent_id: str) -> str:
                     hashlib.sha256).hexdigest()
 
 
+def lab_secret_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a lab secret (None: blank, or long enough)."""
+    if value and len(value) < MIN_LAB_SECRET_CHARS:
+        return (f"is shorter than {MIN_LAB_SECRET_CHARS} characters; `chiffon init-config "
+                "--with-secret` generates one")
+    return None
+
+
 def agent_key_problem(value: str) -> str | None:
     """Why ``value`` cannot be a ``heartbeat_key`` (None: blank, or 64 lower-case hex
     digits, as ``chiffon signing-key`` prints them)."""

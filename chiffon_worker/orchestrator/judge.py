@@ -51,7 +51,6 @@ from chiffon_worker.orchestrator.sql_schema import (
 )
 from chiffon_worker.protocol import validate_snapshot
 from chiffon_worker.signing import (
-    MIN_LAB_SECRET_CHARS,
     HeartbeatVerifier,
     KeyUsed,
     SignatureError,
@@ -91,7 +90,7 @@ def verifier_of(config: Config) -> HeartbeatVerifier:
     ``require_signed_heartbeats`` (``auto``: required when any of those is set, as before
     per-agent keys; ``yes``; ``no``). Raises ConfigError for keys that cannot work
     together (a previous secret without a current one, ``yes`` with nothing to verify
-    with, a lab secret under :data:`~chiffon_worker.signing.MIN_LAB_SECRET_CHARS`)."""
+    with; a lab secret too short is refused when the config loads)."""
     lab, previous = config.heartbeat_lab_secret, config.heartbeat_lab_secret_previous
     sources = config.sources
     if previous and not lab:
@@ -99,12 +98,6 @@ def verifier_of(config: Config) -> HeartbeatVerifier:
                           "heartbeat_lab_secret_previous", "is set but heartbeat_lab_secret "
                           "is not: during a rotation the new lab secret is "
                           "heartbeat_lab_secret and the old one the previous")
-    for name, value in (("heartbeat_lab_secret", lab),
-                        ("heartbeat_lab_secret_previous", previous)):
-        if value and len(value) < MIN_LAB_SECRET_CHARS:
-            raise ConfigError(sources.get(name, "default"), name,
-                              f"is shorter than {MIN_LAB_SECRET_CHARS} characters; "
-                              "`chiffon init-config --with-secret` generates one")
     lab_secrets = tuple(secret for secret in (lab, previous) if secret)
     mode = config.require_signed_heartbeats
     verifying = bool(lab_secrets or config.heartbeat_secret)

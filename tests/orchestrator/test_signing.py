@@ -331,6 +331,16 @@ def test_signing_key_without_a_lab_secret_is_one_line_and_exit_2(
     assert "heartbeat_lab_secret" in err
 
 
+def test_signing_key_refuses_a_lab_secret_the_orchestrator_would_refuse(
+        clean_env: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CHIFFON_HEARTBEAT_LAB_SECRET", "short")
+    assert main(["signing-key", "rig-7"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no key derived from a secret no orchestrator accepts
+    assert "heartbeat_lab_secret: is shorter than 16 characters" in captured.err
+
+
 def test_config_show_masks_every_signing_secret(
         clean_env: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
