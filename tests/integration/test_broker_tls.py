@@ -18,7 +18,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -34,17 +33,23 @@ import pytest
 from chiffon_worker.broker_tls import BrokerTls, server_alert
 from tests.conftest import missing_service
 from tests.integration import private_rabbit
-from tests.integration.helpers import CELERY, Agent, agent_environment, start_agent, unique
-from tests.orchestrator_process import FOLLOWING_EVENTS, Orchestrator, start_orchestrator
+from tests.integration.helpers import CELERY, unique
+from tests.integration.tls_clients import (
+    EXIT_TIMEOUT_S,
+    Fleet,
+    chiffon,
+    running_fleet,
+    status_of,
+    submit,
+    the_one_line,
+    tls_env,
+)
 from tests.throwaway_ca import Pki, make_pki
 from tests.throwaway_ca import available as ca_available
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHIFFON = [sys.executable, "-m", "chiffon_worker.cli"]
-#: How long a process that must stop by itself may take (seconds).
-EXIT_TIMEOUT_S = 60.0
 FLOWER_USER, FLOWER_PASSWORD = "operator", "s3cret-test-only"
 
 
@@ -58,20 +63,8 @@ class TlsNode:
     root: Path
 
     def env(self, home: Path, **changes: str) -> dict[str, str]:
-        """A clean environment for chiffon over TLS (right CA, client certificate), with
-        ``changes`` (``CHIFFON_*`` names; an empty value removes the variable)."""
-        settings = {
-            "CHIFFON_BROKER_URL": self.url,
-            "CHIFFON_BROKER_TLS_CA_FILE": str(self.pki.cert("ca")),
-            "CHIFFON_BROKER_TLS_CERT_FILE": str(self.pki.cert("client")),
-            "CHIFFON_BROKER_TLS_KEY_FILE": str(self.pki.key("client")),
-            "CHIFFON_STATE_DIR": str(self.root / "state"),
-            "CHIFFON_LOG_LEVEL": "WARNING",
-            **changes,
-        }
-        home.mkdir(parents=True, exist_ok=True)
-        return agent_environment(home, {key: value for key, value in settings.items()
-                                        if value})
+        """A correct client's environment (:func:`~tests.integration.tls_clients.tls_env`)."""
+        return tls_env(self.url, self.pki, self.root, home, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -91,63 +84,15 @@ def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsNode]:
         node.destroy()
 
 
-@dataclass
-class Fleet:
-    """An orchestrator and an agent, both over TLS."""
-
-    orchestrator: Orchestrator
-    agent: Agent
-    env: dict[str, str]  # chiffon's environment (same registry)
-
-
 @pytest.fixture(scope="module")
 def fleet(tls_node: TlsNode) -> Iterator[Fleet]:
     env = tls_node.env(tls_node.root / "home-cli", CHIFFON_LOG_LEVEL="INFO")
-    orchestrator = start_orchestrator(env, tls_node.root / "orchestrator.log")
-    agent: Agent | None = None
-    try:
-        wait_until(lambda: FOLLOWING_EVENTS in orchestrator.log()
-                   or orchestrator.popen.poll() is not None, 30,
-                   lambda: f"the orchestrator to follow worker events:\n{orchestrator.log()}")
-        assert orchestrator.popen.poll() is None, orchestrator.log()
-        agent_env = {name: value for name, value in env.items()
-                     if name.startswith("CHIFFON_BROKER_TLS_")}
-        agent = start_agent(tls_node.root, tls_node.url, extra_env=agent_env)
-        agent.wait_ready()
-        yield Fleet(orchestrator, agent, env)
-    finally:
-        if agent is not None:
-            agent.stop()
-        orchestrator.stop()
-
-
-def chiffon(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CHIFFON, *argv], env=env, capture_output=True, text=True,
-                          timeout=EXIT_TIMEOUT_S, check=False)
-
-
-def the_one_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The message of a run that printed exactly one ``chiffon: error:`` line and nothing
-    else."""
-    assert done.stdout == "", done.stdout
-    stderr = done.stderr
-    assert stderr.count("\n") == 1 and stderr.startswith("chiffon: error: "), stderr
-    return stderr[len("chiffon: error: "):].rstrip("\n")
-
-
-def submit(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """``chiffon submit`` of one piece of work to a pool nobody serves (no registry needed)."""
-    return chiffon(env, "submit", "echo", "{}", "--pool", unique("t-pool"), "--queue-anyway")
+    with running_fleet(env, tls_node.url, tls_node.root) as running:
+        yield running
 
 
 def shown(url: str) -> str:
     return url.replace("guest:guest@", "guest:**@")
-
-
-def status_of(env: dict[str, str], agent_id: str) -> dict[str, Any] | None:
-    done = chiffon(env, "status", "--json")
-    assert done.returncode == 0, done.stderr
-    return next((row for row in json.loads(done.stdout) if row["agent_id"] == agent_id), None)
 
 
 # -- over TLS, everything works ---------------------------------------------------------------
