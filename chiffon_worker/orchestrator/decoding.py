@@ -46,6 +46,20 @@ REJECT_REASONS = (TOO_LARGE, UNSUPPORTED_CONTENT, WRONG_TASK, NOT_JSON, BAD_ENVE
                   SCHEMA_VERSION, INVALID, UNSIGNED, FORGED, REPLAYED)
 
 
+#: Every header entry this module reads (a reader of raw AMQP frames decodes only these).
+HEADERS_READ = ("task", "compression", "expires")
+_TASK, _COMPRESSION, _EXPIRES = HEADERS_READ
+
+
+class UnreadableHeaders(dict[str, Any]):
+    """Stands for a message's header table that could not be read; ``problem`` says why.
+    Empty, so it reads like no headers; :func:`decode_heartbeat` rejects the message."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__()
+        self.problem = problem
+
+
 class HeartbeatRejected(ChiffonError):
     """A heartbeat message is dropped: ``reason`` is a short label, ``detail`` says why."""
 
@@ -80,11 +94,13 @@ def decode_heartbeat(body: bytes | str, headers: Mapping[str, Any] | None,
                                 f"content type {content_type!r} (only JSON is read)")
     if content_encoding not in (None, "", "utf-8", "utf8", "binary"):
         raise HeartbeatRejected(UNSUPPORTED_CONTENT, f"content encoding {content_encoding!r}")
+    if isinstance(headers, UnreadableHeaders):
+        raise HeartbeatRejected(BAD_ENVELOPE, f"unreadable AMQP headers: {headers.problem}")
     task = None
     if headers:
-        if headers.get("compression"):
+        if headers.get(_COMPRESSION):
             raise HeartbeatRejected(UNSUPPORTED_CONTENT, "compressed bodies are not read")
-        task = headers.get("task")
+        task = headers.get(_TASK)
         if task is not None and task != HEARTBEAT_TASK:
             raise HeartbeatRejected(WRONG_TASK, f"task {str(task)[:100]!r} is not "
                                                 f"{HEARTBEAT_TASK}")
@@ -113,7 +129,7 @@ def expires_at(headers: Mapping[str, Any] | None) -> float | None:
     """The Celery ``expires`` header as unix seconds, or None when absent or unreadable."""
     if not headers:
         return None
-    value = headers.get("expires")
+    value = headers.get(_EXPIRES)
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):

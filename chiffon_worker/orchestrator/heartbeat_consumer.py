@@ -43,7 +43,9 @@ from chiffon_worker.broker_permissions import ORCHESTRATOR, permission_refused
 from chiffon_worker.broker_tls import BrokerTls
 from chiffon_worker.config import mask_url
 from chiffon_worker.errors import RegistryError
+from chiffon_worker.orchestrator.amqp_deliveries import Delivery, DeliveryReader
 from chiffon_worker.orchestrator.batch_writer import BatchWriter
+from chiffon_worker.orchestrator.decoding import HEADERS_READ
 from chiffon_worker.orchestrator.judge import Checked, HeartbeatJudge
 from chiffon_worker.wire import HEARTBEAT_QUEUE, heartbeat_queue
 
@@ -186,20 +188,31 @@ class HeartbeatConsumer:
                                 auto_declare=False)
             consumer.consume()
             cancel = consumer.cancel
-        drain_timeout = None if self._tune_amqp_socket(conn) else self.poll_seconds
+        tuned = self._tune_amqp_socket(conn)
+        drain_timeout = None if tuned else self.poll_seconds
+        reader = DeliveryReader(conn.connection, channel.channel_id, self._on_delivery,
+                                HEADERS_READ) if tuned and self._multiple_ack else None
+        read: Any = reader.read if reader is not None \
+            else lambda: conn.drain_events(timeout=drain_timeout)
         self.ready.set()
         last_beat = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                conn.drain_events(timeout=drain_timeout)
-            except TimeoutError:
-                self._flush()
-            now = time.monotonic()
-            if self._messages and now - self._first_pending_at >= self.max_delay_seconds:
-                self._flush()
-            if now - last_beat >= 1.0:
-                conn.heartbeat_check()
-                last_beat = now
+        if reader is not None:
+            reader.attach()
+        try:
+            while not self._stop.is_set():
+                try:
+                    read()
+                except TimeoutError:
+                    self._flush()
+                now = time.monotonic()
+                if self._messages and now - self._first_pending_at >= self.max_delay_seconds:
+                    self._flush()
+                if now - last_beat >= 1.0:
+                    conn.heartbeat_check()
+                    last_beat = now
+        finally:
+            if reader is not None:
+                reader.detach()  # py-amqp reads the connection again (to cancel)
         self._flush()
         cancel()
 
@@ -232,6 +245,11 @@ class HeartbeatConsumer:
         self._receive(message, message.body, message.headers, message.content_type,
                       message.content_encoding,
                       redelivered=bool(message.delivery_info.get("redelivered", False)))
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        """A delivery cut from the frames by the :class:`DeliveryReader`."""
+        self._receive(delivery.tag, delivery.body, delivery.headers, delivery.content_type,
+                      delivery.content_encoding, redelivered=delivery.redelivered)
 
     def _on_amqp_message(self, message: Any) -> None:
         """A py-amqp message: acknowledged by its delivery tag."""
