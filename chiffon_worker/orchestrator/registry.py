@@ -19,7 +19,7 @@ import logging
 import operator
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
 from sqlalchemy.schema import CreateSchema
 
 from chiffon_worker.config import Config, mask_url
@@ -250,6 +250,23 @@ def _check_sqlite_exists(url: str) -> None:
                             "running with this state_dir or database_url?)")
 
 
+
+class _Upsert(NamedTuple):
+    """An upsert as driver SQL, and what takes a row's values in its parameters' order."""
+
+    sql: str
+    values: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+
+
+def _row_values(order: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """A row's values in ``order`` as a tuple (KeyError names a missing column)."""
+    if len(order) == 1:
+        name = order[0]
+        return lambda row: (row[name],)
+    getter: Callable[[Mapping[str, Any]], tuple[Any, ...]] = operator.itemgetter(*order)
+    return getter
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -282,7 +299,7 @@ class Registry:
             raise RegistryError(f"registry URL {self.masked_url!r} is not a database URL"
                                 ) from None
         self.dialect = backend
-        self._upsert_cache: dict[str, str] = {}
+        self._upsert_cache: dict[str, _Upsert] = {}
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
         #: opened only to read: nothing is created, migrated or altered
         self.read_only = read_only
@@ -442,12 +459,15 @@ class Registry:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _upsert_sql(self, table: Table, keys: Sequence[str]) -> str:
-        """The upsert of ``table`` (unique on ``keys``) as driver SQL with named parameters.
+    def _upsert_sql(self, table: Table, keys: Sequence[str]) -> _Upsert:
+        """The upsert of ``table`` (unique on ``keys``) as driver SQL with positional
+        parameters, and what takes a row's values in their order.
 
         Built with SQLAlchemy Core once per table and run with ``exec_driver_sql``: for
         batches of plain values this skips SQLAlchemy's per-row parameter processing,
-        which measured 20-40% of the write time.
+        which measured 20-40% of the write time. Positional, not named: sqlite3 binds a
+        named parameter by asking SQLite its name and looking it up in the row, which
+        measured ~10 µs of the ~40 µs an agent row's upsert costs.
         """
         cached = self._upsert_cache.get(table.name)
         if cached is not None:
@@ -457,18 +477,26 @@ class Registry:
         updates = {c.name: stmt.excluded[c.name] for c in table.columns
                    if c.name not in keys and c.name != "first_seen"}
         stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
-        dialect = (self._engine.dialect if self.dialect == "postgresql"
-                   else sqlite.dialect(paramstyle="named"))  # pyformat / named: dict rows
+        driver_dialect: Any = type(self._engine.dialect)  # PostgreSQL's driver: format (%s)
+        dialect = (driver_dialect(paramstyle="format") if self.dialect == "postgresql"
+                   else sqlite.dialect(paramstyle="qmark"))
         schema_map = {None: self.schema} if self.schema else None
-        sql = str(stmt.compile(dialect=dialect, schema_translate_map=schema_map,
-                               render_schema_translate=bool(schema_map)))
-        self._upsert_cache[table.name] = sql
-        return sql
+        compiled = stmt.compile(dialect=dialect, schema_translate_map=schema_map,
+                                render_schema_translate=bool(schema_map))
+        order = tuple(compiled.positiontup or ())
+        upsert = _Upsert(str(compiled), _row_values(order))
+        self._upsert_cache[table.name] = upsert
+        return upsert
 
     def _upsert(self, conn: Connection, table: Table, keys: Sequence[str],
                 rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert-or-update ``rows`` (every column of ``table``; unique on ``keys``)."""
-        conn.exec_driver_sql(self._upsert_sql(table, keys), list(rows))
+        upsert = self._upsert_sql(table, keys)
+        try:
+            values = list(map(upsert.values, rows))
+        except KeyError as exc:  # a RegistryError (nothing stored), as the driver's would be
+            raise InvalidRequestError(f"a {table.name} row has no column {exc}") from None
+        conn.exec_driver_sql(upsert.sql, values)
 
     def write_batch(self, agent_rows: Sequence[Mapping[str, Any]],
                     history_rows: Sequence[Mapping[str, Any]],
