@@ -12,8 +12,9 @@ calls (see :func:`timed_steps` and :func:`breakdown`): per message ``HeartbeatJu
 (JSON decode, validation, the rest of the check); per batch ``BatchWriter.commit`` in the
 registry's ingest turn (taking the turn, reading the batch's agents and loading them into
 the judge, sequencing and rows, batch preparation, registry SQL, the rest of the
-transaction), then the acks; the rest is the broker client (socket reads, AMQP frame and
-header parsing, kombu messages, the consumer loop). Target: >= 5,000 heartbeats/s.
+transaction), then the acks; the rest is the broker client (socket reads, cutting AMQP
+frames into deliveries and reading their headers: ``amqp_deliveries.DeliveryReader``, the
+consumer loop). Target: >= 5,000 heartbeats/s.
 
 With the postgresql backend, each repeat also times ``--orchestrators`` (default 1,2)
 orchestrator processes draining one queue, filled by the same publishers, into one fresh
@@ -183,7 +184,7 @@ class Timers:
 def timed_steps() -> list[tuple[Any, str, str]]:
     """(owner, attribute, step) for each function of the consumer's pipeline that is timed.
 
-    Per message, in ``HeartbeatConsumer._on_message``: ``HeartbeatJudge.check`` (stateless),
+    Per message, in ``HeartbeatConsumer._receive``: ``HeartbeatJudge.check`` (stateless),
     which calls ``decoding.decode_heartbeat`` and ``judge.validate_snapshot``. Per batch,
     in ``HeartbeatConsumer._flush``: ``BatchWriter.commit`` (then the acks), which inside
     ``Registry.ingest_turn`` takes the turn (``Registry._take_turn``), reads the batch's
