@@ -51,7 +51,7 @@ from sqlalchemy.schema import CreateSchema
 
 from chiffon_worker.config import Config, mask_url
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator import sql_schema
+from chiffon_worker.orchestrator import pg_bulk, sql_schema
 from chiffon_worker.orchestrator.liveness import (
     Liveness,
     SignsOfLife,
@@ -251,11 +251,16 @@ def _check_sqlite_exists(url: str) -> None:
 
 
 
+#: Columns an upsert never overwrites in an existing row.
+_KEPT_ON_UPDATE = ("first_seen",)
+
+
 class _Upsert(NamedTuple):
     """An upsert as driver SQL, and what takes a row's values in its parameters' order."""
 
     sql: str
     values: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    columns: tuple[str, ...]  # the parameters' order
 
 
 def _row_values(order: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
@@ -300,6 +305,7 @@ class Registry:
                                 ) from None
         self.dialect = backend
         self._upsert_cache: dict[str, _Upsert] = {}
+        self._bulk_cache: dict[str, pg_bulk.BulkUpsert] = {}
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
         #: opened only to read: nothing is created, migrated or altered
         self.read_only = read_only
@@ -475,7 +481,7 @@ class Registry:
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         stmt = dialect_insert(table)
         updates = {c.name: stmt.excluded[c.name] for c in table.columns
-                   if c.name not in keys and c.name != "first_seen"}
+                   if c.name not in keys and c.name not in _KEPT_ON_UPDATE}
         stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
         driver_dialect: Any = type(self._engine.dialect)  # PostgreSQL's driver: format (%s)
         dialect = (driver_dialect(paramstyle="format") if self.dialect == "postgresql"
@@ -484,19 +490,37 @@ class Registry:
         compiled = stmt.compile(dialect=dialect, schema_translate_map=schema_map,
                                 render_schema_translate=bool(schema_map))
         order = tuple(compiled.positiontup or ())
-        upsert = _Upsert(str(compiled), _row_values(order))
+        upsert = _Upsert(str(compiled), _row_values(order), order)
         self._upsert_cache[table.name] = upsert
         return upsert
 
     def _upsert(self, conn: Connection, table: Table, keys: Sequence[str],
-                rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert-or-update ``rows`` (every column of ``table``; unique on ``keys``)."""
+                rows: Sequence[Mapping[str, Any]], *, bulk: bool = False) -> None:
+        """Insert-or-update ``rows`` (every column of ``table``; unique on ``keys``).
+
+        ``bulk``: on PostgreSQL, :data:`pg_bulk.MIN_ROWS` rows or more go through ``COPY``
+        (:mod:`.pg_bulk`; the rows must then be unique on ``keys``, as heartbeat batches
+        are)."""
         upsert = self._upsert_sql(table, keys)
         try:
             values = list(map(upsert.values, rows))
         except KeyError as exc:  # a RegistryError (nothing stored), as the driver's would be
             raise InvalidRequestError(f"a {table.name} row has no column {exc}") from None
-        conn.exec_driver_sql(upsert.sql, values)
+        if bulk and self.dialect == "postgresql" and len(values) >= pg_bulk.MIN_ROWS:
+            pg_bulk.bulk_upsert(conn, self._bulk_sql(table, keys, upsert), values)
+        else:
+            conn.exec_driver_sql(upsert.sql, values)
+
+    def _bulk_sql(self, table: Table, keys: Sequence[str], upsert: _Upsert
+                  ) -> pg_bulk.BulkUpsert:
+        """``table``'s bulk upsert on PostgreSQL (built once), columns as ``upsert``'s."""
+        cached = self._bulk_cache.get(table.name)
+        if cached is None:
+            cached = pg_bulk.bulk_upsert_sql(table, keys, upsert.columns,
+                                             dialect=self._engine.dialect, schema=self.schema,
+                                             keep=_KEPT_ON_UPDATE)
+            self._bulk_cache[table.name] = cached
+        return cached
 
     def write_batch(self, agent_rows: Sequence[Mapping[str, Any]],
                     history_rows: Sequence[Mapping[str, Any]],
@@ -520,14 +544,15 @@ class Registry:
                     conflict_rows: Sequence[Mapping[str, Any]],
                     late_rows: Sequence[Mapping[str, Any]]) -> None:
         if agent_rows:
-            self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows)
+            self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows, bulk=True)
         if late_rows:
             a = sql_schema.agents
             conn.execute(update(a).where(a.c.agent_id == bindparam("b_agent_id")).values(
                 {name: bindparam(f"b_{name}") for name in _LATE_COLUMNS}),
                 [{f"b_{key}": value for key, value in row.items()} for row in late_rows])
         if history_rows:
-            self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows)
+            self._upsert(conn, sql_schema.history, ("agent_id", "slot"), history_rows,
+                         bulk=True)
         if conflict_rows:
             self._upsert(conn, sql_schema.conflicts, ("agent_id",), conflict_rows)
 

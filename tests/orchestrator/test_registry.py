@@ -5,12 +5,13 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, insert, text
 
 from chiffon_worker.errors import RegistryError
-from chiffon_worker.orchestrator import sql_schema
+from chiffon_worker.orchestrator import pg_bulk, sql_schema
 from chiffon_worker.orchestrator.registry import Registry
 from tests.conftest import POSTGRES_URL
 
@@ -241,3 +242,63 @@ def test_a_first_release_registry_is_upgraded_to_the_current_schema_keeping_its_
                 new.gpu_processes) == ("degraded", 312.5, False, 3)
     with Registry(url, schema=schema) as again:  # opening it again changes nothing
         assert again.schema_version() == 4
+
+
+def big_batch(feeder: Feeder, seq: int, received_at: float) -> None:
+    """``pg_bulk.MIN_ROWS`` + 5 agents' heartbeats (PostgreSQL writes them with COPY)."""
+    for n in range(pg_bulk.MIN_ROWS + 5):
+        feeder.snapshot(make_snapshot(f"bulk-{n:03d}", seq=seq, collected_at=received_at,
+                                      cpu_load_1min=n / 10, gpu_type="none" if n % 2 else
+                                      "nvidia"), received_at=received_at)
+
+
+def test_a_large_batch_stores_every_value_and_keeps_each_first_seen(
+        registry: Registry) -> None:
+    feeder = Feeder(registry)
+    big_batch(feeder, 1, T0)
+    feeder.commit()
+    big_batch(feeder, 2, T0 + 30)
+    feeder.commit()
+    records = registry.agents(with_snapshot=True)
+    assert len(records) == pg_bulk.MIN_ROWS + 5
+    for n, record in enumerate(records):
+        assert (record.agent_id, record.seq, record.first_seen, record.last_seen) == \
+            (f"bulk-{n:03d}", 2, T0, T0 + 30)
+        assert record.metrics["cpu_load_1min"] == n / 10
+        assert record.snapshot["gpu_type"] == ("none" if n % 2 else "nvidia")
+        assert [p.received_at for p in registry.history(record.agent_id)] == [T0, T0 + 30]
+
+
+def test_a_large_batch_that_fails_stores_nothing(registry: Registry) -> None:
+    feed(registry, make_snapshot("a1", seq=1))
+    feeder = Feeder(registry)
+    big_batch(feeder, 1, T0 + 30)
+    batch = feeder.writer.take_batch()
+    assert batch is not None
+    broken = [*batch.history_rows[:-1], {**batch.history_rows[-1], "received_at": None}]
+    with pytest.raises(RegistryError, match="cannot write registry"):
+        registry.write_batch(batch.agent_rows, broken)
+    assert [r.agent_id for r in registry.agents()] == ["a1"]
+    registry.write_batch(batch.agent_rows, batch.history_rows)  # the registry still works
+    assert len(registry.agents()) == pg_bulk.MIN_ROWS + 6
+
+
+def test_postgresql_writes_large_batches_with_copy_and_small_ones_row_by_row(
+        pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = Registry(POSTGRES_URL, schema=pg_schema)
+    copied: list[int] = []
+    bulk_upsert = pg_bulk.bulk_upsert
+
+    def spy(conn: Any, bulk: pg_bulk.BulkUpsert, rows: Any) -> None:
+        rows = list(rows)
+        copied.append(len(rows))
+        bulk_upsert(conn, bulk, rows)
+
+    monkeypatch.setattr(pg_bulk, "bulk_upsert", spy)
+    feed(registry, make_snapshot("small", seq=1))
+    assert copied == []
+    feeder = Feeder(registry)
+    big_batch(feeder, 1, T0)
+    feeder.commit()
+    registry.close()
+    assert copied == [pg_bulk.MIN_ROWS + 5] * 2  # the agents' rows, then their history
