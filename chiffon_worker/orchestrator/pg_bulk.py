@@ -13,7 +13,9 @@ batch, so a pooled connection that lands on another server session still finds o
 rows of one call must be unique on the table's key (an ``ON CONFLICT`` statement cannot
 touch a row twice); heartbeat batches are (one row per agent, per agent and slot).
 A driver error is raised as SQLAlchemy's ``DBAPIError`` wrapping it, as for any
-statement, so the registry reports it and rolls the transaction back.
+statement, so the registry reports it and rolls the transaction back. A database user
+without the ``TEMPORARY`` privilege (:func:`may_create_temp_tables`) is left to
+``executemany``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str], 
                f"(LIKE {qualified}) ON COMMIT DELETE ROWS",
         copy=f"COPY {quoted_temp} ({names}) FROM STDIN",
         insert=insert, columns=tuple(columns))
+
+
+def may_create_temp_tables(conn: Connection) -> bool:
+    """Whether ``conn``'s user may create temporary tables in its database."""
+    allowed = conn.exec_driver_sql(
+        "SELECT has_database_privilege(current_database(), 'TEMPORARY')").scalar()
+    return bool(allowed)
 
 
 def bulk_upsert(conn: Connection, bulk: BulkUpsert, rows: Iterable[Sequence[Any]]) -> None:

@@ -306,6 +306,7 @@ class Registry:
         self.dialect = backend
         self._upsert_cache: dict[str, _Upsert] = {}
         self._bulk_cache: dict[str, pg_bulk.BulkUpsert] = {}
+        self._copy_allowed: bool | None = None  # asked at the first bulk upsert
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
         #: opened only to read: nothing is created, migrated or altered
         self.read_only = read_only
@@ -506,10 +507,23 @@ class Registry:
             values = list(map(upsert.values, rows))
         except KeyError as exc:  # a RegistryError (nothing stored), as the driver's would be
             raise InvalidRequestError(f"a {table.name} row has no column {exc}") from None
-        if bulk and self.dialect == "postgresql" and len(values) >= pg_bulk.MIN_ROWS:
+        if bulk and self.dialect == "postgresql" and len(values) >= pg_bulk.MIN_ROWS \
+                and self._may_copy(conn):
             pg_bulk.bulk_upsert(conn, self._bulk_sql(table, keys, upsert), values)
         else:
             conn.exec_driver_sql(upsert.sql, values)
+
+    def _may_copy(self, conn: Connection) -> bool:
+        """Whether bulk upserts may use a temporary table (asked once; a user without the
+        ``TEMPORARY`` privilege is told once, and its batches go row by row)."""
+        if self._copy_allowed is None:
+            self._copy_allowed = pg_bulk.may_create_temp_tables(conn)
+            if not self._copy_allowed:
+                log.warning("registry %s: this database user may not create temporary "
+                            "tables, so heartbeat batches are written row by row (slower); "
+                            "GRANT TEMPORARY ON DATABASE to it to write them with COPY",
+                            self.masked_url)
+        return self._copy_allowed
 
     def _bulk_sql(self, table: Table, keys: Sequence[str], upsert: _Upsert
                   ) -> pg_bulk.BulkUpsert:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, insert, make_url, text
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import pg_bulk, sql_schema
 from chiffon_worker.orchestrator.registry import Registry
-from tests.conftest import POSTGRES_URL
+from tests.conftest import POSTGRES_URL, require_port
 
 from . import feeding
 from .conftest import RegistryFactory
@@ -302,3 +305,46 @@ def test_postgresql_writes_large_batches_with_copy_and_small_ones_row_by_row(
     feeder.commit()
     registry.close()
     assert copied == [pg_bulk.MIN_ROWS + 5] * 2  # the agents' rows, then their history
+
+
+@pytest.fixture
+def user_without_temp_tables() -> Iterator[str]:
+    """A registry URL for a PostgreSQL user without the TEMPORARY privilege: a database of
+    its own (TEMPORARY revoked from PUBLIC there only) and a schema it owns; dropped after."""
+    require_port("127.0.0.1", 5432, "PostgreSQL")
+    name = f"chiffon_notemp_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC'))
+        conn.execute(text(f'GRANT CREATE ON DATABASE "{name}" TO "{name}"'))  # its schema
+    owner = create_engine(POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}",
+                          isolation_level="AUTOCOMMIT")
+    with owner.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{name}" AUTHORIZATION "{name}"'))
+    owner.dispose()
+    try:
+        yield f"postgresql+psycopg://{name}@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def test_a_postgresql_user_without_temporary_tables_is_told_once_and_writes_row_by_row(
+        user_without_temp_tables: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="chiffon_worker.orchestrator.registry")
+    schema = make_url(user_without_temp_tables).username
+    with Registry(user_without_temp_tables, schema=schema) as registry:
+        feeder = Feeder(registry)
+        big_batch(feeder, 1, T0)
+        feeder.commit()
+        big_batch(feeder, 2, T0 + 30)
+        feeder.commit()
+        assert [r.seq for r in registry.agents()] == [2] * (pg_bulk.MIN_ROWS + 5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "may not create temporary tables" in warnings[0]
+    assert "GRANT TEMPORARY" in warnings[0]
