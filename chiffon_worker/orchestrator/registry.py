@@ -381,7 +381,11 @@ class Registry:
         with self._transaction("open") as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
-                if self.schema:
+                if self.schema and not conn.execute(
+                        text("SELECT 1 FROM pg_namespace WHERE nspname = :name"),
+                        {"name": self.schema}).first():
+                    # only when missing: PostgreSQL checks the database's CREATE privilege
+                    # even for IF NOT EXISTS, which a user owning just its schema lacks
                     conn.execute(CreateSchema(self.schema, if_not_exists=True))
             sql_schema.metadata.create_all(conn)
             current = conn.execute(select(func.max(sql_schema.schema_version.c.version))).scalar()

@@ -309,8 +309,9 @@ def test_postgresql_writes_large_batches_with_copy_and_small_ones_row_by_row(
 
 @pytest.fixture
 def user_without_temp_tables() -> Iterator[str]:
-    """A registry URL for a PostgreSQL user without the TEMPORARY privilege: a database of
-    its own (TEMPORARY revoked from PUBLIC there only) and a schema it owns; dropped after."""
+    """A registry URL for a least-privileged PostgreSQL user: a database of its own
+    (TEMPORARY revoked from PUBLIC there only; no CREATE on it) where it owns one schema,
+    named after it; dropped after."""
     require_port("127.0.0.1", 5432, "PostgreSQL")
     name = f"chiffon_notemp_{uuid.uuid4().hex[:10]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
@@ -318,7 +319,6 @@ def user_without_temp_tables() -> Iterator[str]:
         conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
         conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC'))
-        conn.execute(text(f'GRANT CREATE ON DATABASE "{name}" TO "{name}"'))  # its schema
     owner = create_engine(POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}",
                           isolation_level="AUTOCOMMIT")
     with owner.connect() as conn:
@@ -331,6 +331,13 @@ def user_without_temp_tables() -> Iterator[str]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def test_a_user_owning_only_its_schema_opens_the_registry_in_it(
+        user_without_temp_tables: str) -> None:
+    schema = make_url(user_without_temp_tables).username
+    with Registry(user_without_temp_tables, schema=schema) as registry:
+        assert registry.schema_version() == sql_schema.SCHEMA_VERSION
 
 
 def test_a_postgresql_user_without_temporary_tables_is_told_once_and_writes_row_by_row(
