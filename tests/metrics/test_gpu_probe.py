@@ -462,6 +462,7 @@ class ExplodingSource:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_crashing_probe_is_state_error_and_the_next_probe_still_runs(root: str) -> None:
+    before = _probe_threads()
     source = ExplodingSource()
     clock = SkippingClock()
     gpu = GpuMetrics(root, 1.0, max_age_s=60, prober=GpuProber(root, nvml=NO_NVML, amd=source),
@@ -475,6 +476,8 @@ def test_a_crashing_probe_is_state_error_and_the_next_probe_still_runs(root: str
         assert source.calls == 2
     finally:
         gpu.close()
+        for thread in _probe_threads() - before:  # the crashed one reports within this test
+            thread.join(timeout=5)
 
 
 def _probe_threads() -> set[threading.Thread]:
