@@ -199,8 +199,6 @@ class DeliveryReader:
         self._header: bytes | None = None
         self._parts: list[bytes] = []
         self._missing = 0
-        self._tag = 0
-        self._redelivered = False
         self._properties: tuple[str | None, str | None, dict[str, Any] | None] = \
             (None, None, None)
 
@@ -264,9 +262,6 @@ class DeliveryReader:
     def _take(self, kind: int, payload: bytes) -> None:
         """One frame of a delivery on the consuming channel."""
         if kind == _METHOD and self._method is None:
-            at = 5 + payload[4]  # after the consumer tag
-            self._tag = _U64.unpack_from(payload, at)[0]
-            self._redelivered = bool(payload[at + 8] & 1)
             self._method = payload
         elif kind == _HEADER and self._method is not None and self._header is None:
             body_size, content_type, content_encoding, headers = \
@@ -286,7 +281,10 @@ class DeliveryReader:
                                   "in the middle of a delivery")
 
     def _deliver(self, body: bytes) -> None:
-        tag, redelivered = self._tag, self._redelivered
+        method = self._method
+        assert method is not None  # a delivery is complete only after its method frame
+        at = 5 + method[4]  # basic.deliver's arguments after the consumer tag
+        tag, redelivered = _U64.unpack_from(method, at)[0], bool(method[at + 8] & 1)
         self._method, self._header, self._parts = None, None, []
         self._on_delivery(Delivery(tag, redelivered, body, *self._properties))
 

@@ -42,11 +42,11 @@ class BulkUpsert(NamedTuple):
     columns: tuple[str, ...]
 
 
-def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str], *,
-                    dialect: Dialect, schema: str | None, keep: Sequence[str] = ()
+def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str],
+                    updated: Sequence[str], *, dialect: Dialect, schema: str | None
                     ) -> BulkUpsert:
     """The bulk upsert of ``target`` (unique on ``keys``), rows given as values in
-    ``columns`` order; an existing row keeps its ``keep`` columns. ``schema``: the
+    ``columns`` order; an existing row gets its ``updated`` columns set. ``schema``: the
     registry's schema (None: the search path's)."""
     preparer = dialect.identifier_preparer
     qualified = (f"{preparer.quote_schema(schema)}." if schema else "") + \
@@ -57,8 +57,7 @@ def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str], 
                                                  select(*(temp.c[n] for n in columns)))
     stmt = stmt.on_conflict_do_update(
         index_elements=list(keys),
-        set_={name: stmt.excluded[name] for name in columns
-              if name not in keys and name not in keep})
+        set_={name: stmt.excluded[name] for name in updated})
     schema_map = {None: schema} if schema else None
     insert = str(stmt.compile(dialect=dialect, schema_translate_map=schema_map,
                               render_schema_translate=bool(schema_map)))

@@ -250,9 +250,13 @@ def _check_sqlite_exists(url: str) -> None:
                             "running with this state_dir or database_url?)")
 
 
-
 #: Columns an upsert never overwrites in an existing row.
 _KEPT_ON_UPDATE = ("first_seen",)
+
+
+def _updated_columns(table: Table, keys: Sequence[str]) -> list[str]:
+    """The columns an upsert of ``table`` (unique on ``keys``) sets in an existing row."""
+    return [c.name for c in table.columns if c.name not in keys and c.name not in _KEPT_ON_UPDATE]
 
 
 class _Upsert(NamedTuple):
@@ -485,8 +489,7 @@ class Registry:
             return cached
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         stmt = dialect_insert(table)
-        updates = {c.name: stmt.excluded[c.name] for c in table.columns
-                   if c.name not in keys and c.name not in _KEPT_ON_UPDATE}
+        updates = {name: stmt.excluded[name] for name in _updated_columns(table, keys)}
         stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
         driver_dialect: Any = type(self._engine.dialect)  # PostgreSQL's driver: format (%s)
         dialect = (driver_dialect(paramstyle="format") if self.dialect == "postgresql"
@@ -535,8 +538,8 @@ class Registry:
         cached = self._bulk_cache.get(table.name)
         if cached is None:
             cached = pg_bulk.bulk_upsert_sql(table, keys, upsert.columns,
-                                             dialect=self._engine.dialect, schema=self.schema,
-                                             keep=_KEPT_ON_UPDATE)
+                                             _updated_columns(table, keys),
+                                             dialect=self._engine.dialect, schema=self.schema)
             self._bulk_cache[table.name] = cached
         return cached
 
