@@ -40,7 +40,9 @@ LIVENESS_STATES: tuple[Liveness, ...] = ("online", "stopped", "lost", "conflict"
 
 #: A worker whose Celery events stopped is gone after this many event intervals: Celery's
 #: and Flower's own rule (``HEARTBEAT_EXPIRE_WINDOW`` is 200 %, 4 s at the default 2 s),
-#: on receipt times as Flower does, so chiffon never says ``lost`` later than Flower.
+#: on receipt times as Flower does. A capacity heartbeat received after the newest event
+#: is a sign of life too, so chiffon says ``lost`` that window after the newest sign of life
+#: of either kind: never later than Flower by more than the gap between the two.
 EVENT_EXPIRY_INTERVALS = 2.0
 
 
@@ -171,8 +173,12 @@ def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfL
     - ``stopped``: a ``worker-offline`` came after every other event, and no capacity
       heartbeat came well after it (a restart the event listener missed);
     - while events flow (the newest event is no older than the newest heartbeat by more
-      than the event window), they decide: ``online`` within the window, else ``lost``
-      (seconds after a crash, a kill or a freeze, as in Flower);
+      than the event window), the event window decides: ``online`` within it of the newest
+      sign of life (that event, or a capacity heartbeat received after it), else ``lost``
+      (seconds after a crash, a kill or a freeze, as in Flower). A capacity heartbeat
+      counts because it, too, proves the process alive: events lag it when the event
+      listener reconnects (a RabbitMQ node stopping), and a live agent must not look
+      ``lost`` then;
     - otherwise (no events: the listener is not running, or events are off) the capacity
       heartbeat decides: ``online`` within ``timeout_seconds``, else ``lost``.
     """
@@ -185,7 +191,8 @@ def liveness_of(last_received_at: float, timeout_seconds: float, signs: SignsOfL
                 and last_received_at <= offline + window:
             return "stopped"
         if signs.last_event_at + window >= last_received_at:
-            return "online" if now - signs.last_event_at <= window else "lost"
+            newest = max(signs.last_event_at, last_received_at)
+            return "online" if now - newest <= window else "lost"
     return "online" if is_online(last_received_at, timeout_seconds, now) else "lost"
 
 
