@@ -1,7 +1,8 @@
 """Checking a decoded snapshot against its declaration (:mod:`chiffon_worker.snapshot`).
 
 The declaration is compiled once, at import, into flat tuples. Checking a group of keys
-(the top level, or one ``gpus`` entry) then runs in two steps:
+(the top level's required keys, its checked optional ones, or one ``gpus`` entry) then
+runs in two steps:
 
 - a *screen* that does the common case in a few C-level calls: fetch every value at
   once, compare each value's class with the classes its key accepts exactly (a tuple of
@@ -97,11 +98,13 @@ class _Group:
     """The checks of one group of keys (the top level, or a ``gpus`` entry), compiled.
 
     ``one_problem``: a number that is not finite or is negative gets one message for
-    both (as ``gpus`` entries always have); else each rule its own.
+    both (as ``gpus`` entries always have); else each rule its own. ``optional``: screen
+    the optional ``fields`` too, as if required (the screen then fails where one is absent).
     """
 
-    def __init__(self, fields: Sequence[Field], *, one_problem: bool) -> None:
-        required = [f for f in fields if f.required]
+    def __init__(self, fields: Sequence[Field], *, one_problem: bool,
+                 optional: bool = False) -> None:
+        required = [f for f in fields if f.required or optional]
         self.fields = tuple(required)
         self.one_problem = one_problem
         self.exact = tuple(f.types + ((type(None),) if f.nullable else ()) for f in required)
@@ -196,6 +199,9 @@ class _Rules(NamedTuple):
 
 _TOP = _Group(REQUIRED_FIELDS, one_problem=False)
 _GPU = _Group(GPU_ENTRY_FIELDS, one_problem=True)
+#: The checked optional keys as one group: today's agents send all of them, so one screen
+#: replaces a check per key; a heartbeat that lacks one (an older agent) is checked per key.
+_OPTIONAL = _Group(CHECKED_OPTIONAL_FIELDS, one_problem=False, optional=True)
 _RULES = _Rules(
     identifiers=tuple(f.name for f in REQUIRED_FIELDS if f.identifier),
     maxima=tuple((f.name, f.maximum) for f in REQUIRED_FIELDS if f.maximum is not None),
@@ -251,10 +257,16 @@ def check_snapshot(snap: Mapping[str, Any]) -> None:
                                          f"{len(snap[other])}")
         elif snap[key] > snap[other] + 1e-6:
             raise ProtocolError(key, f"exceeds {other}")
-    for field in CHECKED_OPTIONAL_FIELDS:
-        value = snap.get(field.name, _MISSING)
-        if value is not _MISSING:
-            check_optional(field, value)
+    if _OPTIONAL.passes_screen(snap):
+        for key, choices, problem in _OPTIONAL.choices:
+            value = snap[key]
+            if value is not None and value not in choices:
+                raise ProtocolError(key, problem)
+    else:
+        for field in CHECKED_OPTIONAL_FIELDS:
+            value = snap.get(field.name, _MISSING)
+            if value is not _MISSING:
+                check_optional(field, value)
     for position, gpu in enumerate(snap["gpus"]):
         if not isinstance(gpu, dict):
             raise ProtocolError(f"gpus[{position}]", "must be an object")

@@ -21,3 +21,15 @@ GOOD_SNAPSHOT: dict[str, Any] = {
               "source": "nvml", "error": None}],
     "gpu_probe": {"state": "ok", "source": "nvml", "age_seconds": 0.1, "error": None},
 }
+
+#: The same machine as today's agent reports it: every optional key present as well.
+CURRENT_SNAPSHOT: dict[str, Any] = {
+    **GOOD_SNAPSHOT,
+    "cpu_cores_effective": 8.0, "cpu_cores_busy": 0.5, "cpu_busy_source": "load",
+    "gpu_vram_known": True, "gpu_health": "ok", "gpu_power_draw_w": 31.5,
+    "gpu_power_limit_w": 450.0, "gpu_processes": 1, "gpu_foreign_processes": 0,
+    "gpu_foreign_memory_gb": 0.0, "accepting": True, "accepting_reason": None,
+    "work_running": 0, "owner_idle_seconds": 312.5, "owner_idle_source": "logind",
+    "on_battery": False, "gpu_temperature_max_c": 38.0, "asleep": False,
+    "mac_address": "3c:7c:3f:1e:22:9a",
+}

@@ -25,7 +25,8 @@ from chiffon_worker.protocol import (
     WorkResult,
     validate_snapshot,
 )
-from tests.samples import GOOD_SNAPSHOT
+from chiffon_worker.snapshot import CHECKED_OPTIONAL_FIELDS
+from tests.samples import CURRENT_SNAPSHOT, GOOD_SNAPSHOT
 
 PROPERTY = settings(max_examples=200, deadline=None, database=None, print_blob=True)
 
@@ -173,10 +174,50 @@ def numeric_variants(draw: st.DrawFn) -> dict[str, Any]:
     return snap
 
 
+OPTIONAL_KEYS = [f.name for f in CHECKED_OPTIONAL_FIELDS]
+
+
+@st.composite
+def current_variants(draw: st.DrawFn) -> dict[str, Any]:
+    """Today's agent's snapshot (every optional key present, screened as one group) with
+    some optional keys replaced by any JSON value or number, or removed."""
+    snap = copy.deepcopy(CURRENT_SNAPSHOT)
+    for key in draw(st.lists(st.sampled_from(OPTIONAL_KEYS), min_size=1, max_size=3,
+                             unique=True)):
+        snap[key] = draw(st.sampled_from(["load", "none", "ok", "logind"]) | st.none()
+                         | any_number | json_values)
+    if draw(st.booleans()):
+        del snap[draw(st.sampled_from(OPTIONAL_KEYS))]
+    return snap
+
+
+def test_todays_agent_snapshot_is_valid() -> None:
+    assert _outcome(CURRENT_SNAPSHOT)[0] == "valid"
+
+
+@pytest.mark.parametrize("field", [f for f in CHECKED_OPTIONAL_FIELDS if f.choices],
+                         ids=lambda f: f.name)
+def test_an_optional_key_outside_its_choices_is_refused_in_a_full_snapshot(field: Any) -> None:
+    snap = {**CURRENT_SNAPSHOT, field.name: "not-a-choice"}
+    assert _outcome(snap) == ("refused", field.name,
+                              f"must be one of {', '.join(field.choices)}")
+
+
 @PROPERTY
 @given(snap=near_snapshots() | numeric_variants())
 def test_the_validators_screen_never_changes_an_outcome(snap: dict[str, Any]) -> None:
     """The fast screen only skips the exact per-key checks; with it off, the same answer."""
+    _same_outcome_unscreened(snap)
+
+
+@PROPERTY
+@given(snap=current_variants())
+def test_the_screen_of_the_optional_keys_never_changes_an_outcome(
+        snap: dict[str, Any]) -> None:
+    _same_outcome_unscreened(snap)
+
+
+def _same_outcome_unscreened(snap: dict[str, Any]) -> None:
     screened = _outcome(snap)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(snapshot_validator._Group, "passes_screen", lambda *_args: False)
