@@ -13,6 +13,14 @@ import time
 import uuid
 from typing import Any
 
+from chiffon_worker.metrics.gpu_snapshot import gpu_keys
+from chiffon_worker.metrics.gpu_types import (
+    EMPTY_READING,
+    GpuDevice,
+    GpuProcess,
+    GpuReading,
+    GpuSample,
+)
 from chiffon_worker.protocol import SNAPSHOT_SCHEMA
 
 GPU_MODELS = (("NVIDIA GeForce RTX 4090", 23.99), ("NVIDIA GeForce RTX 3060", 11.99),
@@ -74,7 +82,38 @@ def make_snapshot(agent_id: str = "agent-1", *, seq: int = 1, boot_id: str | Non
 
 
 def random_snapshot(rng: random.Random, agent_id: str, seq: int) -> dict[str, Any]:
-    """A varied but valid snapshot (for load tests): mixed GPUs, cores and memory."""
+    """A varied but valid snapshot (for load tests and benchmarks) in the shape today's
+    agent sends: mixed GPUs, cores and memory, every key the agent adds (owner, drain,
+    GPU health, power and processes), and GPU entries made by the agent's own
+    ``gpu_keys`` from NVML-like readings."""
+    snap = _schema_one_snapshot(rng, agent_id, seq)
+    gpus = snap.pop("gpus")
+    snap.pop("gpu_probe")
+    devices = tuple(GpuDevice(
+        index=gpu["index"], vendor="nvidia", name=gpu["name"],
+        vram_total_gb=gpu["vram_total_gb"], vram_available_gb=gpu["vram_available_gb"],
+        utilization_percent=round(rng.uniform(0, 100), 1),
+        temperature_c=float(rng.randint(30, 80)), source="nvml",
+        uuid=f"GPU-{uuid.UUID(int=rng.getrandbits(128))}",
+        power_draw_w=round(rng.uniform(20, 300), 1), power_limit_w=350.0,
+        throttle_reasons=(), ecc_uncorrected_volatile=0,
+        processes=tuple(GpuProcess(rng.randint(1000, 99999), "python3",
+                                   round(rng.uniform(0.2, 4.0), 3), "agent")
+                        for _ in range(rng.randint(0, 2))))
+        for gpu in gpus)
+    reading = GpuReading(devices, ("nvml",)) if devices else EMPTY_READING
+    snap.update(gpu_keys(GpuSample(reading, "ok" if devices else "absent", 0.4)))
+    load = snap["cpu_load_1min"]
+    snap.update(cpu_cores_busy=load, cpu_busy_source="load",
+                owner_idle_seconds=round(rng.uniform(0, 7200), 1),
+                owner_idle_source="logind", on_battery=False, asleep=False,
+                mac_address=":".join(f"{rng.randrange(256):02x}" for _ in range(6)),
+                accepting=True, accepting_reason=None, work_running=rng.randint(0, 2))
+    return snap
+
+
+def _schema_one_snapshot(rng: random.Random, agent_id: str, seq: int) -> dict[str, Any]:
+    """A varied snapshot with only the keys of the first agents (schema 1 as released)."""
     has_gpu = rng.random() < 0.6
     name, total = rng.choice(GPU_MODELS)
     cores = rng.choice((4, 6, 8, 12, 16, 24, 32))
