@@ -516,7 +516,7 @@ class Registry:
             raise InvalidRequestError(f"a {table.name} row has no column {exc}") from None
         if bulk and self.dialect == "postgresql" and len(values) >= pg_bulk.MIN_ROWS \
                 and self._may_copy(conn):
-            pg_bulk.bulk_upsert(conn, self._bulk_sql(table, keys, upsert), values)
+            pg_bulk.bulk_upsert(conn, self._bulk_sql(conn, table, keys, upsert), values)
         else:
             conn.exec_driver_sql(upsert.sql, values)
 
@@ -532,14 +532,16 @@ class Registry:
                             self.masked_url)
         return self._copy_allowed
 
-    def _bulk_sql(self, table: Table, keys: Sequence[str], upsert: _Upsert
+    def _bulk_sql(self, conn: Connection, table: Table, keys: Sequence[str], upsert: _Upsert
                   ) -> pg_bulk.BulkUpsert:
-        """``table``'s bulk upsert on PostgreSQL (built once), columns as ``upsert``'s."""
+        """``table``'s bulk upsert on PostgreSQL, columns as ``upsert``'s: built, and its
+        column types read on ``conn``, once."""
         cached = self._bulk_cache.get(table.name)
         if cached is None:
             cached = pg_bulk.bulk_upsert_sql(table, keys, upsert.columns,
                                              _updated_columns(table, keys),
                                              dialect=self._engine.dialect, schema=self.schema)
+            cached = cached._replace(types=pg_bulk.column_types(conn, cached))
             self._bulk_cache[table.name] = cached
         return cached
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 import time
 import uuid
@@ -21,7 +22,7 @@ from tests.conftest import POSTGRES_URL, require_port
 from . import feeding
 from .conftest import RegistryFactory
 from .feeding import Feeder
-from .snapshots import make_snapshot
+from .snapshots import make_snapshot, random_snapshot
 
 pytestmark = pytest.mark.integration
 T0 = float(int(time.time()))  # receipt times near the snapshots' collected_at
@@ -286,6 +287,29 @@ def test_a_large_batch_that_fails_stores_nothing(registry: Registry) -> None:
     assert len(registry.agents()) == pg_bulk.MIN_ROWS + 6
 
 
+@pytest.mark.parametrize(("column", "value", "problem"), [
+    ("cpu_cores_physical", 2**31, "out of range for type integer"),
+    ("work_running", -(2**31) - 1, "out of range for type integer"),
+    ("accepting", "f", "is not a boolean"),
+    ("cpu_cores_physical", "8", "cannot be written"),
+    ("restarts", 2**63, "cannot be written"),
+    ("memory_available_gb", "12.5", "cannot be written"),
+])
+def test_a_copied_value_its_column_cannot_hold_fails_the_batch_and_stores_nothing(
+        pg_schema: str, column: str, value: Any, problem: str) -> None:
+    # the binary COPY's own dumpers would wrap integers and take any value's truth
+    with Registry(POSTGRES_URL, schema=pg_schema) as registry:
+        feed(registry, make_snapshot("a1", seq=1))
+        feeder = Feeder(registry)
+        big_batch(feeder, 1, T0 + 30)
+        batch = feeder.writer.take_batch()
+        assert batch is not None
+        rows = [*batch.agent_rows[:-1], {**batch.agent_rows[-1], column: value}]
+        with pytest.raises(RegistryError, match=problem):
+            registry.write_batch(rows, batch.history_rows)
+        assert [r.agent_id for r in registry.agents()] == ["a1"]
+
+
 def test_postgresql_writes_large_batches_with_copy_and_small_ones_row_by_row(
         pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
     registry = Registry(POSTGRES_URL, schema=pg_schema)
@@ -305,6 +329,35 @@ def test_postgresql_writes_large_batches_with_copy_and_small_ones_row_by_row(
     feeder.commit()
     registry.close()
     assert copied == [pg_bulk.MIN_ROWS + 5] * 2  # the agents' rows, then their history
+
+
+def test_a_batch_copied_in_binary_stores_exactly_what_row_by_row_writes(
+        pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # today's heartbeats: ints in float columns, nulls, booleans, nested JSON text
+    rng = random.Random(7)
+    count = pg_bulk.MIN_ROWS + 5
+    snaps = [random_snapshot(rng, f"bin-{n:03d}", 1) for n in range(count)]
+    tables = {}
+    for schema, min_rows in ((pg_schema, pg_bulk.MIN_ROWS), (f"{pg_schema}_rows", count + 1)):
+        monkeypatch.setattr(pg_bulk, "MIN_ROWS", min_rows)
+        try:
+            with Registry(POSTGRES_URL, schema=schema) as registry:
+                feeder = Feeder(registry)
+                for snap in snaps:
+                    feeder.snapshot(snap, received_at=T0)
+                feeder.commit()
+                with registry._engine.connect() as conn:
+                    tables[schema] = [conn.execute(text(
+                        f'SELECT * FROM "{schema}".{name} ORDER BY {order}')).all()
+                        for name, order in (("chiffon_agents", "agent_id"),
+                                            ("chiffon_history", "agent_id, slot"))]
+        finally:
+            if schema != pg_schema:  # the fixture drops its own
+                with create_engine(POSTGRES_URL).begin() as conn:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    copied, row_by_row = tables.values()
+    assert [len(rows) for rows in copied] == [count, count]
+    assert copied == row_by_row
 
 
 @pytest.fixture
