@@ -79,14 +79,14 @@ def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str],
 def column_types(conn: Connection, bulk: BulkUpsert) -> tuple[int, ...]:
     """The type oid of each of ``bulk.columns`` in the target table (the temporary table
     has the same: ``LIKE`` it), for the binary ``COPY``."""
-    found = dict(conn.exec_driver_sql(
+    found: dict[str, int] = {str(name): int(oid) for name, oid in conn.exec_driver_sql(
         "SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = "
         "%(table)s::regclass AND attnum > 0 AND NOT attisdropped",
-        {"table": bulk.target}).all())
+        {"table": bulk.target}).all()}
     missing = [name for name in bulk.columns if name not in found]
     if missing:  # reported as a failed statement, as the COPY itself would be
         raise InvalidRequestError(f"{bulk.target} has no column {', '.join(missing)}")
-    return tuple(int(found[name]) for name in bulk.columns)
+    return tuple(found[name] for name in bulk.columns)
 
 
 def may_create_temp_tables(conn: Connection) -> bool:
