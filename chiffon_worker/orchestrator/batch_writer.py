@@ -40,6 +40,10 @@ class Batch:
     conflict_rows: list[dict[str, Any]] = field(default_factory=list)
     #: late heartbeats' updates of agents without a row in ``agent_rows``
     late_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: agents of ``agent_rows`` whose row the registry holds already (``Rows.known`` for
+    #: every heartbeat of theirs in the batch: a new agent's later heartbeats in the
+    #: same batch are not, as its row is not stored yet)
+    stored: frozenset[str] = frozenset()
 
 
 class BatchWriter:
@@ -61,6 +65,7 @@ class BatchWriter:
         self._late: dict[str, dict[str, Any]] = {}
         self._history: dict[tuple[str, int], dict[str, Any]] = {}
         self._conflicts: dict[str, dict[str, Any]] = {}
+        self._stored: set[str] = set()
         self._uncommitted = 0  # agent rows of the batch taken and not yet committed
 
     @property
@@ -79,6 +84,10 @@ class BatchWriter:
         """Collect one accepted heartbeat's rows (superseding older ones of its agent)."""
         agent_id = rows.agent["agent_id"]
         if not rows.late:
+            if rows.known and (agent_id in self._stored or agent_id not in self._agents):
+                self._stored.add(agent_id)
+            else:
+                self._stored.discard(agent_id)
             self._agents[agent_id] = rows.agent
             self._late.pop(agent_id, None)
         elif agent_id in self._agents:
@@ -101,7 +110,8 @@ class BatchWriter:
                 row["snapshot"] = json.dumps(snapshot, separators=(",", ":"))
             agent_rows.append(row)
         batch = Batch(agent_rows, list(self._history.values()), list(self._conflicts.values()),
-                      list(self._late.values()))
+                      list(self._late.values()), frozenset(self._stored))
+        self._stored = set()
         self._conflicts = {}
         self._late = {}
         self._uncommitted = len(agent_rows)
@@ -114,7 +124,8 @@ class BatchWriter:
         started = time.perf_counter()
         try:
             self.registry.write_batch(batch.agent_rows, batch.history_rows,
-                                      batch.conflict_rows, batch.late_rows)
+                                      batch.conflict_rows, batch.late_rows,
+                                      stored=batch.stored)
         except RegistryError:
             self.stats.write_errors += 1
             raise
@@ -147,7 +158,7 @@ class BatchWriter:
                 batch = self.take_batch()
                 if batch is not None:
                     turn.write(batch.agent_rows, batch.history_rows, batch.conflict_rows,
-                               batch.late_rows)
+                               batch.late_rows, stored=batch.stored)
         except RegistryError:
             self._generation = None
             self.take_batch()  # made again from ``held`` by the next call

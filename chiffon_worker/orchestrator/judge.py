@@ -148,6 +148,9 @@ class Rows:
     #: a late heartbeat: ``agent`` holds only ``agent_id`` and the columns a late
     #: heartbeat changes (:data:`LATE_COLUMNS`); the row keeps the newer snapshot
     late: bool = False
+    #: the judge's memory of the agent came from the registry or an earlier accepted
+    #: heartbeat (its row is stored, or is in the same batch); False for a new agent
+    known: bool = False
 
 
 #: The columns of ``chiffon_agents`` a late heartbeat updates.
@@ -380,6 +383,7 @@ class HeartbeatJudge:
                               "agent %s: heartbeat from superseded boot %s ignored "
                               "(do two machines share this agent id?)", agent_id, boot_id)
             return self._ignore(verdict.verdict.value, agent_id, received_at)
+        known = memory is not None
         new_seq = liveness.advance(prev, boot_id, started_at, seq)
         skew = liveness.clock_skew(float(snap["collected_at"]), received_at,
                                    float(snap["heartbeat_interval_seconds"]))
@@ -403,7 +407,7 @@ class HeartbeatJudge:
         self._note_skew(memory, agent_id, skew, received_at)
         self.stats.accepted += 1
         return Outcome(ACCEPTED, "", self._rows(agent_id, memory, snap, received_at=received_at,
-                                                skew=skew, text=text))
+                                                skew=skew, text=text, known=known))
 
     def _note_sequence(self, memory: _AgentMemory, verdict: liveness.Sequencing,
                        prev: liveness.SeqState, snap: dict[str, Any], now: float) -> None:
@@ -453,7 +457,7 @@ class HeartbeatJudge:
         memory.skewed = skew is not None
 
     def _rows(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any], *,
-              received_at: float, skew: float | None, text: str | None) -> Rows:
+              received_at: float, skew: float | None, text: str | None, known: bool) -> Rows:
         row = dict(zip(REQUIRED_COLUMNS, _REQUIRED(snap), strict=True))
         get = snap.get
         row.update({name: get(name) for name in OPTIONAL_COLUMNS})
@@ -469,7 +473,7 @@ class HeartbeatJudge:
         row["snapshot"] = snap if text is None else text
         point = self._point(agent_id, memory, snap, received_at)
         row["history_count"] = memory.history_count
-        return Rows(row, point)
+        return Rows(row, point, known=known)
 
     def _point(self, agent_id: str, memory: _AgentMemory, snap: Mapping[str, Any],
                received_at: float) -> dict[str, Any]:

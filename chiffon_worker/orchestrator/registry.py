@@ -19,7 +19,7 @@ import logging
 import operator
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +310,7 @@ class Registry:
         self.dialect = backend
         self._upsert_cache: dict[str, _Upsert] = {}
         self._bulk_cache: dict[str, pg_bulk.BulkUpsert] = {}
+        self._update_cache: dict[str, _Upsert] = {}
         self._copy_allowed: bool | None = None  # asked at the first bulk upsert
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
         #: opened only to read: nothing is created, migrated or altered
@@ -520,6 +521,48 @@ class Registry:
         else:
             conn.exec_driver_sql(upsert.sql, values)
 
+    def _write_agents(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
+                      stored: Collection[str]) -> None:
+        """Write agent rows: on SQLite the rows of ``stored`` agents by ``UPDATE`` (an
+        upsert's failed insert first costs 20-45% more: 19 against 23-35 ms per 1,000
+        rows of today's heartbeats), the others upserted; where an update found fewer
+        rows than it was given (an agent forgotten meanwhile), those rows are upserted as
+        well. On PostgreSQL every row is upserted (``COPY`` for large batches)."""
+        table = sql_schema.agents
+        if self.dialect != "sqlite" or not stored:
+            self._upsert(conn, table, ("agent_id",), rows, bulk=True)
+            return
+        known = [row for row in rows if row["agent_id"] in stored]
+        new = [row for row in rows if row["agent_id"] not in stored] if known else rows
+        if known:
+            change = self._update_sql(table, ("agent_id",))
+            try:
+                values = list(map(change.values, known))
+            except KeyError as exc:
+                raise InvalidRequestError(f"a {table.name} row has no column {exc}") from None
+            updated = conn.exec_driver_sql(change.sql, values).rowcount
+            if updated != len(known):
+                log.debug("%d of %d agent rows to update were not there: upserting them",
+                          len(known) - updated, len(known))
+                new = rows
+        if new:
+            self._upsert(conn, table, ("agent_id",), new)
+
+    def _update_sql(self, table: Table, keys: Sequence[str]) -> _Upsert:
+        """``UPDATE`` of the columns an upsert of ``table`` sets, where ``keys`` match, as
+        driver SQL with positional parameters (SQLite's), built once per table."""
+        cached = self._update_cache.get(table.name)
+        if cached is None:
+            stmt = update(table).values(
+                {name: bindparam(name) for name in _updated_columns(table, keys)})
+            for key in keys:
+                stmt = stmt.where(table.c[key] == bindparam(f"key_{key}"))
+            compiled = stmt.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+            order = tuple(name.removeprefix("key_") for name in compiled.positiontup or ())
+            cached = self._update_cache[table.name] = _Upsert(str(compiled),
+                                                              _row_values(order), order)
+        return cached
+
     def _may_copy(self, conn: Connection) -> bool:
         """Whether bulk upserts may use a temporary table (asked once; a user without the
         ``TEMPORARY`` privilege is told once, and its batches go row by row)."""
@@ -548,26 +591,31 @@ class Registry:
     def write_batch(self, agent_rows: Sequence[Mapping[str, Any]],
                     history_rows: Sequence[Mapping[str, Any]],
                     conflict_rows: Sequence[Mapping[str, Any]] = (),
-                    late_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+                    late_rows: Sequence[Mapping[str, Any]] = (), *,
+                    stored: Collection[str] = ()) -> None:
         """Upsert agent rows and history points in one transaction.
 
         ``agent_rows`` hold every column of ``chiffon_agents`` (at most one per agent id;
         an existing row keeps its ``first_seen``); ``history_rows`` every column of
         ``chiffon_history`` (at most one per agent id and slot); ``late_rows`` the
         ``agent_id`` and the columns a late heartbeat changes (``judge.LATE_COLUMNS``) of
-        agents without a row in ``agent_rows``.
+        agents without a row in ``agent_rows``. ``stored``: agent ids whose row the
+        registry holds already (the judge's memory came from it), which SQLite updates
+        in place (see :meth:`_write_agents`).
         """
         if not agent_rows and not history_rows and not conflict_rows and not late_rows:
             return
         with self._transaction("write") as conn:
-            self._write_rows(conn, agent_rows, history_rows, conflict_rows, late_rows)
+            self._write_rows(conn, agent_rows, history_rows, conflict_rows, late_rows,
+                             stored=stored)
 
     def _write_rows(self, conn: Connection, agent_rows: Sequence[Mapping[str, Any]],
                     history_rows: Sequence[Mapping[str, Any]],
                     conflict_rows: Sequence[Mapping[str, Any]],
-                    late_rows: Sequence[Mapping[str, Any]]) -> None:
+                    late_rows: Sequence[Mapping[str, Any]], *,
+                    stored: Collection[str] = ()) -> None:
         if agent_rows:
-            self._upsert(conn, sql_schema.agents, ("agent_id",), agent_rows, bulk=True)
+            self._write_agents(conn, agent_rows, stored)
         if late_rows:
             a = sql_schema.agents
             conn.execute(update(a).where(a.c.agent_id == bindparam("b_agent_id")).values(
@@ -1032,10 +1080,11 @@ class IngestTurn:
     def write(self, agent_rows: Sequence[Mapping[str, Any]],
               history_rows: Sequence[Mapping[str, Any]],
               conflict_rows: Sequence[Mapping[str, Any]] = (),
-              late_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+              late_rows: Sequence[Mapping[str, Any]] = (), *,
+              stored: Collection[str] = ()) -> None:
         """Write rows as :meth:`Registry.write_batch` does, in this turn."""
         self._registry._write_rows(self._conn, agent_rows, history_rows, conflict_rows,
-                                   late_rows)
+                                   late_rows, stored=stored)
 
 
 @dataclass(frozen=True)

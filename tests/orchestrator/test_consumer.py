@@ -88,7 +88,7 @@ def test_messages_stay_in_the_queue_when_the_registry_cannot_commit_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from chiffon_worker.errors import RegistryError
 
-    def fail(*_args: Any) -> None:
+    def fail(*_args: Any, **_kwargs: Any) -> None:
         raise RegistryError("cannot write registry test: disk is full")
 
     monkeypatch.setattr(sqlite_registry, "_write_rows", fail)

@@ -19,7 +19,7 @@ from chiffon_worker.orchestrator.judge import HeartbeatJudge
 from chiffon_worker.orchestrator.registry import Registry
 from chiffon_worker.signing import sign_snapshot
 
-from .feeding import Feeder
+from .feeding import Feeder, feed
 from .snapshots import make_snapshot
 
 SECRET = "s3cret"
@@ -325,6 +325,23 @@ def test_the_writer_keeps_only_the_newest_rows_of_an_agent_until_taken(
     assert writer.pending == 1, "taken but not yet committed"
     writer.write(batch)
     assert (writer.pending, writer.take_batch()) == (0, None)
+
+
+def test_a_batch_names_as_stored_only_agents_whose_row_the_registry_already_holds(
+        sqlite_registry: Registry) -> None:
+    feed(sqlite_registry, make_snapshot("old", seq=1), start=time.time())
+    judge = HeartbeatJudge(sqlite_registry.agents(), history_points=5)
+    writer = BatchWriter(sqlite_registry)
+    # "new" twice: its second heartbeat is known to the judge, but its row is not stored
+    for name, seq in (("old", 2), ("new", 1), ("new", 2)):
+        writer.keep(judge.judge_snapshot(make_snapshot(name, seq=seq), received_at=time.time()))
+    batch = writer.take_batch()
+    assert batch is not None
+    assert batch.stored == {"old"}
+    writer.write(batch)
+    writer.keep(judge.judge_snapshot(make_snapshot("new", seq=3), received_at=time.time()))
+    later = writer.take_batch()
+    assert later is not None and later.stored == {"new"}
 
 
 def test_a_consumer_refuses_a_judge_and_a_writer_that_count_apart(

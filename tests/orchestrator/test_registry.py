@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, make_url, text
+from sqlalchemy import create_engine, event, insert, make_url, text
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import pg_bulk, sql_schema
@@ -246,6 +246,45 @@ def test_a_first_release_registry_is_upgraded_to_the_current_schema_keeping_its_
                 new.gpu_processes) == ("degraded", 312.5, False, 3)
     with Registry(url, schema=schema) as again:  # opening it again changes nothing
         assert again.schema_version() == 4
+
+
+def test_stored_agents_rows_are_rewritten_keeping_first_seen(registry: Registry) -> None:
+    feeder = Feeder(registry)
+    for seq, at in ((1, T0), (2, T0 + 30)):
+        feeder.snapshot(make_snapshot("a1", seq=seq, cpu_load_1min=seq / 2), received_at=at)
+        feeder.snapshot(make_snapshot(f"new-{seq}", seq=1), received_at=at)
+        batch = feeder.writer.take_batch()
+        assert batch is not None
+        assert batch.stored == ({"a1"} if seq == 2 else set())
+        registry.write_batch(batch.agent_rows, batch.history_rows, stored=batch.stored)
+    records = {r.agent_id: r for r in registry.agents()}
+    assert (records["a1"].seq, records["a1"].first_seen, records["a1"].last_seen,
+            records["a1"].metrics["cpu_load_1min"]) == (2, T0, T0 + 30, 1.0)
+    assert sorted(records) == ["a1", "new-1", "new-2"]
+
+
+def test_sqlite_updates_stored_agents_rows_in_place(sqlite_registry: Registry) -> None:
+    feed(sqlite_registry, make_snapshot("a1", seq=1))
+    statements: list[str] = []
+    event.listen(sqlite_registry._engine, "before_cursor_execute",
+                 lambda _c, _cur, sql, *_rest: statements.append(sql))
+    feed(sqlite_registry, make_snapshot("a1", seq=2), start=T0 + 30)
+    writes = [sql.split()[0] for sql in statements
+              if sql.startswith(("INSERT INTO chiffon_agents", "UPDATE chiffon_agents"))]
+    assert writes == ["UPDATE"]
+
+
+def test_a_row_said_stored_but_gone_is_written_all_the_same(registry: Registry) -> None:
+    # an agent forgotten between the judge's reading and the write: nothing is lost
+    feed(registry, make_snapshot("a1", seq=1), make_snapshot("a2", seq=1))
+    feeder = Feeder(registry)
+    feeder.snapshot(make_snapshot("a1", seq=2), received_at=T0 + 30)
+    feeder.snapshot(make_snapshot("a2", seq=2), received_at=T0 + 30)
+    batch = feeder.writer.take_batch()
+    assert batch is not None and batch.stored == {"a1", "a2"}
+    registry.forget("a2")
+    registry.write_batch(batch.agent_rows, batch.history_rows, stored=batch.stored)
+    assert [(r.agent_id, r.seq) for r in registry.agents()] == [("a1", 2), ("a2", 2)]
 
 
 def big_batch(feeder: Feeder, seq: int, received_at: float) -> None:

@@ -135,7 +135,7 @@ def test_a_failed_turn_stores_nothing_counts_nothing_and_the_retry_does_it_all(
                for seq in (2, 4)]
     held = [c for c in checked if isinstance(c, Checked)]
 
-    def fail(*_args: Any) -> None:
+    def fail(*_args: Any, **_kwargs: Any) -> None:
         raise RegistryError("cannot write registry: disk is full")
 
     with monkeypatch.context() as patch:
