@@ -525,13 +525,19 @@ def parse_counts(value: str) -> list[int]:
 
 # -- the per-heartbeat cost of validation and judging (no broker, no database) ---------------
 
-def step_inputs(seed: int) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
-    """Realistic decoded snapshots, the same as Celery heartbeat bodies, and their headers:
-    ``STEP_AGENTS`` agents x ``STEP_SEQS`` heartbeats, in seq order, interleaved."""
+def step_agents(seed: int) -> list[dict[str, Any]]:
+    """``STEP_AGENTS`` realistic snapshots (today's agent's shape), made by this tree: the
+    before and after runs measure the same heartbeats."""
     from tests.orchestrator.snapshots import random_snapshot
 
     rng = random.Random(seed)
-    base = [random_snapshot(rng, f"bench-agent-{i:05d}", 1) for i in range(STEP_AGENTS)]
+    return [random_snapshot(rng, f"bench-agent-{i:05d}", 1) for i in range(STEP_AGENTS)]
+
+
+def step_inputs(base: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
+    """``base`` as decoded snapshots, the same as Celery heartbeat bodies, and their
+    headers: ``STEP_SEQS`` heartbeats per agent, in seq order, interleaved."""
     expires = (datetime.now(UTC) + timedelta(seconds=TIMEOUT_SECONDS)).isoformat()
     headers = {"lang": "py", "task": "chiffon.heartbeat", "id": str(uuid.uuid4()),
                "expires": expires, "retries": 0, "argsrepr": "(snapshot,)",
@@ -578,13 +584,14 @@ def _judge_step() -> tuple[Callable[[bytes, dict[str, Any], float], Any], Callab
     return judge_one, lambda: judge.stats.accepted
 
 
-def measure_steps() -> dict[str, Any]:
+def measure_steps(agents_file: Path) -> dict[str, Any]:
     """One run in this process: microseconds per ``validate_snapshot`` call and per judged
-    message, for the ``chiffon_worker`` first on sys.path (after a warm-up pass each)."""
+    message, for the ``chiffon_worker`` first on sys.path (after a warm-up pass each), on
+    the agents' snapshots in ``agents_file`` (JSON, from :func:`step_agents`)."""
     import chiffon_worker
     from chiffon_worker.protocol import validate_snapshot
 
-    snapshots, bodies, headers = step_inputs(seed=7)
+    snapshots, bodies, headers = step_inputs(json.loads(agents_file.read_text()))
     clock = time.perf_counter
     for snap in snapshots[:1000]:
         validate_snapshot(snap)
@@ -614,9 +621,12 @@ def step_costs(baseline_rev: str, runs: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="chiffon-baseline-") as workdir:
         trees = {"before": baseline_tree(baseline_rev, Path(workdir)), "after": ROOT}
+        agents_file = Path(workdir) / "agents.json"
+        agents_file.write_text(json.dumps(step_agents(seed=7)))
         for _ in range(runs):
             for label, tree in trees.items():
-                done = subprocess.run([sys.executable, __file__, "--measure-steps", str(tree)],
+                done = subprocess.run([sys.executable, __file__, "--measure-steps", str(tree),
+                                       "--step-agents", str(agents_file)],
                                       capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise SystemExit(f"measuring {label}: {done.stderr.strip()[-2000:]}")
@@ -626,7 +636,8 @@ def step_costs(baseline_rev: str, runs: int) -> dict[str, Any]:
                 samples[label].append(sample)
     report: dict[str, Any] = {
         "what": "microseconds per heartbeat, no broker or database: validate_snapshot on a "
-                "decoded realistic snapshot; judge_step = one raw Celery heartbeat message "
+                "decoded realistic snapshot (today's agent's shape, made once by this tree and "
+                "given to both); judge_step = one raw Celery heartbeat message "
                 "decoded, validated, sequenced and its rows queued for the writer",
         "before": f"git {baseline_rev} (hand-written validator, one-piece Ingestor)",
         "after": "this tree (validator compiled from chiffon_worker.snapshot; "
@@ -688,13 +699,14 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, metavar="REPORT",
                         help="an earlier ingest.json whose throughput to embed as 'before'")
     parser.add_argument("--measure-steps", metavar="TREE", help=argparse.SUPPRESS)
+    parser.add_argument("--step-agents", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--publish", metavar="QUEUE", help=argparse.SUPPRESS)
     parser.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parts", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_steps:
         sys.path.insert(0, args.measure_steps)
-        json.dump(measure_steps(), sys.stdout)
+        json.dump(measure_steps(Path(args.step_agents)), sys.stdout)
         return
     if args.publish:
         publish(args.publish, args.messages, args.agents, args.part, args.parts, seed=5,
