@@ -239,7 +239,7 @@ QUOTES = [
     Quote("event-window", "orchestrator.md",
           r"events within (\d+) event intervals \(([\d.]+) s", _event_window),
     Quote("lost-after-the-event-window", "orchestrator.md",
-          r"\| `lost` \| ([\d.]+) s after the last event", _lost_after),
+          r"\| `lost` \| ([\d.]+) s after the last sign of life", _lost_after),
     Quote("signs-of-life-written", "orchestrator.md",
           r"\(`chiffon_signs_of_life`, written every ([\d.]+) s\)", _signs_flush),
     Quote("stopped-at-the-next-write", "orchestrator.md",
