@@ -58,6 +58,14 @@ def _ingest(backend: str) -> Callable[[dict[str, Any]], float]:
     return read
 
 
+def _ingest_ratio(backend: str, ratio: str) -> Callable[[dict[str, Any]], float]:
+    """The median ratio of ours to a peer measured in the same repeats (issue 16)."""
+    def read(data: dict[str, Any]) -> float:
+        return float(data["peers"]["backends"][backend]["summary"][ratio]["median"])
+
+    return read
+
+
 def _default_footprint(data: dict[str, Any]) -> dict[str, Any]:
     default = data["default"]
     for row in data["idle_footprint"]:
@@ -120,6 +128,16 @@ MEASURES = [
             lambda v: v >= 5000),
     Measure("ingest", "ingest, PostgreSQL", "heartbeats/s", ">= 5000", _ingest("postgresql"),
             lambda v: v >= 5000),
+    *(Measure("ingest", f"ingest / {peer}, {name} (median)", "x", target,
+              _ingest_ratio(backend, ratio), met)
+      for backend, name in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL"))
+      for peer, ratio, target, met in (
+          ("kombu ack-only floor", "ours_over_kombu_floor", ">= 0.8",
+           lambda v: v >= 0.8),
+          ("Celery event state", "ours_over_celery_event_state", "> 1", lambda v: v > 1))),
+    Measure("ingest", "2 orchestrators / 1, PostgreSQL (median)", "x", ">= 1.5",
+            lambda d: d["orchestrators"]["summary"]["ratios"]["2_over_1"]["median"],
+            lambda v: v >= 1.5),
     Measure("soak", "heartbeats lost", "", "== 0",
             lambda d: d["heartbeats_missed"], lambda v: v == 0),
     Measure("soak", "max RSS growth per process", "MiB", "<= 8",
