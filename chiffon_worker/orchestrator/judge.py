@@ -459,8 +459,8 @@ class HeartbeatJudge:
     def _rows(self, agent_id: str, memory: _AgentMemory, snap: dict[str, Any], *,
               received_at: float, skew: float | None, text: str | None, known: bool) -> Rows:
         row = dict(zip(REQUIRED_COLUMNS, _REQUIRED(snap), strict=True))
-        get = snap.get
-        row.update({name: get(name) for name in OPTIONAL_COLUMNS})
+        # None where an older agent leaves one out
+        row.update(zip(OPTIONAL_COLUMNS, map(snap.get, OPTIONAL_COLUMNS), strict=True))
         if "gpu_vram_known" not in snap:
             row["gpu_vram_known"] = legacy_vram_known(snap)
         row["first_seen"] = memory.first_seen
