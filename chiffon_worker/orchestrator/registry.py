@@ -311,6 +311,7 @@ class Registry:
         self._upsert_cache: dict[str, _Upsert] = {}
         self._bulk_cache: dict[str, pg_bulk.BulkUpsert] = {}
         self._update_cache: dict[str, _Upsert] = {}
+        self._state_sql: str | None = None  # PostgreSQL's read of sequencing state
         self._copy_allowed: bool | None = None  # asked at the first bulk upsert
         self._ranking_cache: dict[tuple[Any, ...], Select[Any]] = {}
         #: opened only to read: nothing is created, migrated or altered
@@ -520,6 +521,25 @@ class Registry:
             pg_bulk.bulk_upsert(conn, self._bulk_sql(conn, table, keys, upsert), values)
         else:
             conn.exec_driver_sql(upsert.sql, values)
+
+    def _sequencing_rows(self, conn: Connection, ids: Sequence[str]) -> Sequence[Any]:
+        """The stored :class:`SequencingState` columns of the agents ``ids`` (those
+        stored), read in an ingest turn. On PostgreSQL one array parameter (``= ANY``) as
+        driver SQL: the ``IN`` list SQLAlchemy expands, one parameter per id, cost 18.6 ms
+        of client CPU per 1,000 agents against 3.8, in the turn every other orchestrator
+        waits for when another one wrote last."""
+        a = sql_schema.agents
+        if self.dialect != "postgresql":
+            return conn.execute(select(*(a.c[name] for name in SequencingState._fields))
+                                .where(a.c.agent_id.in_(ids))).all()
+        if self._state_sql is None:
+            preparer = self._engine.dialect.identifier_preparer
+            table = (f"{preparer.quote_schema(self.schema)}." if self.schema else "") + \
+                preparer.quote(a.name)
+            columns = ", ".join(preparer.quote(name) for name in SequencingState._fields)
+            self._state_sql = (f"SELECT {columns} FROM {table} WHERE "
+                               f"{preparer.quote('agent_id')} = ANY(%s::varchar[])")
+        return conn.exec_driver_sql(self._state_sql, (list(ids),)).all()
 
     def _write_agents(self, conn: Connection, rows: Sequence[Mapping[str, Any]],
                       stored: Collection[str]) -> None:
@@ -1046,13 +1066,19 @@ class SequencingState(NamedTuple):
     clock_skew_seconds: float | None
     heartbeat_interval_seconds: float
 
-    def _decoded(self) -> SequencingState:
-        """This row with its JSON list columns decoded."""
-        missed: Any = self.missed_seqs
-        past: Any = self.past_boot_ids
-        return self._replace(
-            missed_seqs=() if missed in (None, "[]") else tuple(json.loads(missed)),
-            past_boot_ids=() if past == "[]" else tuple(json.loads(past)))
+    @classmethod
+    def of_row(cls, row: Sequence[Any]) -> SequencingState:
+        """The state of a stored row (values in field order, the JSON list columns as
+        stored: decoded here)."""
+        values = list(row)
+        missed, past = values[_MISSED_SEQS_AT], values[_PAST_BOOT_IDS_AT]
+        values[_MISSED_SEQS_AT] = () if missed in (None, "[]") else tuple(json.loads(missed))
+        values[_PAST_BOOT_IDS_AT] = () if past == "[]" else tuple(json.loads(past))
+        return cls._make(values)
+
+
+_MISSED_SEQS_AT = SequencingState._fields.index("missed_seqs")
+_PAST_BOOT_IDS_AT = SequencingState._fields.index("past_boot_ids")
 
 
 class IngestTurn:
@@ -1071,11 +1097,8 @@ class IngestTurn:
         ids = sorted(set(agent_ids))
         if not ids:
             return []
-        a = sql_schema.agents
-        query = select(*(a.c[name] for name in SequencingState._fields)).where(
-            a.c.agent_id.in_(ids))
-        return [SequencingState._make(row)._decoded()
-                for row in self._conn.execute(query)]
+        return [SequencingState.of_row(row)
+                for row in self._registry._sequencing_rows(self._conn, ids)]
 
     def write(self, agent_rows: Sequence[Mapping[str, Any]],
               history_rows: Sequence[Mapping[str, Any]],

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, event, insert, make_url, text
 
 from chiffon_worker.errors import RegistryError
 from chiffon_worker.orchestrator import pg_bulk, sql_schema
-from chiffon_worker.orchestrator.registry import Registry
+from chiffon_worker.orchestrator.registry import Registry, SequencingState
 from tests.conftest import POSTGRES_URL, require_port
 
 from . import feeding
@@ -285,6 +285,25 @@ def test_a_row_said_stored_but_gone_is_written_all_the_same(registry: Registry) 
     registry.forget("a2")
     registry.write_batch(batch.agent_rows, batch.history_rows, stored=batch.stored)
     assert [(r.agent_id, r.seq) for r in registry.agents()] == [("a1", 2), ("a2", 2)]
+
+
+def test_a_turn_reads_the_stored_sequencing_state_of_the_agents_asked(
+        registry: Registry) -> None:
+    # a restart (past boot ids) and a gap (missed seqs): the JSON list columns round-trip
+    feed(registry, make_snapshot("a1", seq=1, boot_id="b1"), make_snapshot("a2", seq=1),
+         make_snapshot("a1", seq=1, boot_id="b2", started_at=1_764_000_100.0),
+         make_snapshot("a1", seq=4, boot_id="b2", started_at=1_764_000_100.0))
+    with registry.ingest_turn("spec") as turn:
+        states = turn.agents(["a1", "never-seen", "a1"])
+    assert len(states) == 1
+    state = states[0]
+    record = registry.agent("a1")
+    assert record is not None
+    assert state == SequencingState(
+        agent_id="a1", hostname=record.hostname, first_seen=T0, last_seen=T0 + 90,
+        boot_id="b2", started_at=1_764_000_100.0, seq=4, restarts=1, missed=2,
+        missed_seqs=(2, 3), past_boot_ids=("b1",), history_count=3,
+        clock_skew_seconds=record.clock_skew_seconds, heartbeat_interval_seconds=30.0)
 
 
 def big_batch(feeder: Feeder, seq: int, received_at: float) -> None:
