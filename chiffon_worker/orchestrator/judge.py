@@ -120,9 +120,9 @@ def _await_first_seqs(memory: _AgentMemory, seq: int) -> None:
     memory.missed_seqs = [-n for n in range(1, seq)] if seq <= FIRST_SEQS_AWAITED else []
 
 
-def _seqs_json(seqs: list[int]) -> str:
-    """``seqs`` as a JSON list (almost always empty)."""
-    return json.dumps(seqs) if seqs else "[]"
+def _json_list(values: list[Any]) -> str:
+    """``values`` as a JSON list (missed seqs, past boot ids: almost always empty)."""
+    return json.dumps(values) if values else "[]"
 
 
 def legacy_vram_known(snap: Mapping[str, Any]) -> bool:
@@ -206,7 +206,7 @@ class _AgentMemory:
         self.history_count = history_count
         self.skewed = skewed
         self.skew_warned = False  # the clock-skew warning was logged and still holds
-        self.past_json = json.dumps(list(seq.past_boot_ids))
+        self.past_json = _json_list(list(seq.past_boot_ids))
         #: sequence numbers of the current process counted missed (newest last)
         self.missed_seqs = list(missed_seqs)
         #: superseded boot id -> the highest seq seen from it (this process's memory only):
@@ -468,7 +468,7 @@ class HeartbeatJudge:
         row["restarts"] = memory.restarts
         row["missed"] = memory.missed
         row["past_boot_ids"] = memory.past_json
-        row["missed_seqs"] = _seqs_json(memory.missed_seqs)
+        row["missed_seqs"] = _json_list(memory.missed_seqs)
         row["clock_skew_seconds"] = skew
         row["snapshot"] = snap if text is None else text
         point = self._point(agent_id, memory, snap, received_at)
@@ -501,7 +501,7 @@ class HeartbeatJudge:
                       agent_id, snap["seq"], memory.seq.seq)
         point = self._point(agent_id, memory, snap, now)
         row = {"agent_id": agent_id, "missed": memory.missed,
-               "missed_seqs": _seqs_json(memory.missed_seqs),
+               "missed_seqs": _json_list(memory.missed_seqs),
                "history_count": memory.history_count}
         return Outcome(ACCEPTED, LATE, Rows(row, point, late=True))
 
