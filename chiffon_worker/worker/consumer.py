@@ -11,7 +11,11 @@
   binding or consuming the agent's queues: one line naming the role, agent, and the
   permission; :mod:`chiffon_worker.broker_permissions`), and a second agent with the same
   name (agent id and host) as a running one: RabbitMQ locks the first one's remote-control
-  queue.
+  queue. After a lost connection, though, that lock may be this agent's own: a RabbitMQ
+  node that stops (or a broker that has not yet noticed a dead connection) holds the
+  exclusive queue of the connection it lost for a moment after the agent is back on
+  another node. So a lock met on reconnecting is retried every second for
+  ``PIDBOX_RELEASE_SECONDS`` before it counts as a second agent.
 - A task message with a broken envelope is logged and dropped, never requeued (Celery lets
   the parse error escape: "Unrecoverable error", and the requeued message kills the next
   start too).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 from amqp.exceptions import AccessRefused, ResourceLocked
@@ -43,6 +48,12 @@ MALFORMED_ENVELOPE_ERRORS: tuple[type[Exception], ...] = (
 
 #: Longest wait between the worker's attempts to reach the broker (seconds).
 RECONNECT_MAX_SECONDS = 5.0
+#: How long after a lost connection a locked remote-control queue is taken for the lost
+#: connection's, still held by the broker, and retried (seconds): three of the AMQP
+#: heartbeats (``broker_heartbeat``, 10 s) after which RabbitMQ drops a dead connection.
+PIDBOX_RELEASE_SECONDS = 30.0
+#: Seconds between those retries.
+PIDBOX_RETRY_SECONDS = 1.0
 #: Celery's native delayed delivery (5.5+), a consumer step that switches itself on when a
 #: queue is a quorum queue. Chiffon sends no ETA or countdown tasks, and the step costs: at
 #: each consumer (re)start it declares 28 ``celery_delayed_*`` exchanges and queues on every
@@ -100,25 +111,55 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
         options = dict(worker_options or {}, without_mingle=True, without_gossip=True)
         super().__init__(*args, worker_options=options, **kwargs)
 
+    #: set once a live broker connection was lost (Celery's "Connection to broker lost")
+    lost_a_connection = False
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery's handling of a lost connection; notes that one was lost."""
+        self.lost_a_connection = True
+        super().on_connection_error_after_connected(exc)
+
     def start(self) -> Any:
         """Celery's start; a permission the broker refuses, or a worker of the same name
         already running, ends this one with one line and exit status 2 (the shipped unit
-        does not restart it)."""
-        try:
-            return super().start()
-        except AccessRefused as exc:
-            refused = permission_refused("the agent", AGENT, exc)
-            if refused is None:
-                raise
-            log.error("%s", refused)
-            raise SystemExit(EXIT_CONFIG) from None
-        except ResourceLocked as exc:
-            # the exclusive remote-control queue <name>.celery.pidbox is held by a live
-            # worker of the same name: the same agent_id already runs on this host
-            log.error("another agent already runs as %s on this broker (%s); give this one "
-                      "its own agent_id (agent.yml or CHIFFON_AGENT_ID) or stop the other",
-                      self.hostname, (exc.reply_text or str(exc)).split(". ")[0])
-            raise SystemExit(EXIT_CONFIG) from None
+        does not restart it). A remote-control queue found locked after a lost connection
+        is retried for ``PIDBOX_RELEASE_SECONDS`` first (see the module docstring)."""
+        locked_since: float | None = None
+        while True:
+            try:
+                return super().start()
+            except AccessRefused as exc:
+                refused = permission_refused("the agent", AGENT, exc)
+                if refused is None:
+                    raise
+                log.error("%s", refused)
+                raise SystemExit(EXIT_CONFIG) from None
+            except ResourceLocked as exc:
+                # the exclusive remote-control queue <name>.celery.pidbox is held by
+                # another connection: this agent's lost one, or a live worker of the same
+                # name (the same agent_id already runs on this host)
+                problem = (exc.reply_text or str(exc)).split(". ")[0]
+                now = time.monotonic()
+                locked_since = now if locked_since is None else locked_since
+                if not self.lost_a_connection or now - locked_since >= PIDBOX_RELEASE_SECONDS:
+                    log.error("another agent already runs as %s on this broker (%s); give "
+                              "this one its own agent_id (agent.yml or CHIFFON_AGENT_ID) or "
+                              "stop the other", self.hostname, problem)
+                    raise SystemExit(EXIT_CONFIG) from None
+                log.warning("the broker still holds the remote-control queue of %s for the "
+                            "connection this agent lost (%s); trying again in %.0f s",
+                            self.hostname, problem, PIDBOX_RETRY_SECONDS)
+                self.restart_after_lock()
+                time.sleep(PIDBOX_RETRY_SECONDS)
+
+    def restart_after_lock(self) -> None:
+        """Close what the failed start opened, as Celery does after a connection error,
+        so that :meth:`start` can start the blueprint again."""
+        self.on_close()
+        cancel = getattr(self, "_cancel_connection_timer_entries", None)
+        if cancel is not None:  # Celery 5.6+
+            cancel()
+        self.blueprint.restart(self)
 
     def ensure_connected(self, conn: Any) -> Any:
         """Reconnect with back-off 1, 2, 3 ... capped at ``RECONNECT_MAX_SECONDS``; a refused
