@@ -31,6 +31,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
+from chiffon_worker.orchestrator import sql_schema
+
 #: Fewer rows than this go through ``executemany`` (COPY's three statements cost more).
 MIN_ROWS = 50
 _TEMP_SCHEMA = "pg_temp"
@@ -55,8 +57,7 @@ def bulk_upsert_sql(target: Table, keys: Sequence[str], columns: Sequence[str],
     ``columns`` order; an existing row gets its ``updated`` columns set. ``schema``: the
     registry's schema (None: the search path's)."""
     preparer = dialect.identifier_preparer
-    qualified = (f"{preparer.quote_schema(schema)}." if schema else "") + \
-        preparer.quote(target.name)
+    qualified = sql_schema.qualified_name(target, schema, dialect)
     temp_name = f"chiffon_incoming_{target.name}"
     temp = table(temp_name, *(column(name) for name in columns), schema=_TEMP_SCHEMA)
     stmt = postgresql.insert(target).from_select(list(columns),

@@ -437,9 +437,7 @@ class Registry:
         present = {c["name"] for c in inspect(conn).get_columns(table.name,
                                                                 schema=self.schema)}
         preparer = conn.dialect.identifier_preparer
-        name = preparer.format_table(table)
-        if self.schema:
-            name = f"{preparer.quote_schema(self.schema)}.{name}"
+        name = sql_schema.qualified_name(table, self.schema, conn.dialect)
         added = sql_schema.missing_agent_columns(present)
         for column in added:
             kind = column.type.compile(dialect=conn.dialect)
@@ -534,8 +532,7 @@ class Registry:
                                 .where(a.c.agent_id.in_(ids))).all()
         if self._state_sql is None:
             preparer = self._engine.dialect.identifier_preparer
-            table = (f"{preparer.quote_schema(self.schema)}." if self.schema else "") + \
-                preparer.quote(a.name)
+            table = sql_schema.qualified_name(a, self.schema, self._engine.dialect)
             columns = ", ".join(preparer.quote(name) for name in SequencingState._fields)
             self._state_sql = (f"SELECT {columns} FROM {table} WHERE "
                                f"{preparer.quote('agent_id')} = ANY(%s::varchar[])")

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeEngine
 
 from chiffon_worker.errors import ProtocolError
@@ -199,6 +200,14 @@ SNAPSHOT_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS)
 #: Those of them every snapshot carries, and those older agents may leave out.
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS if f.required)
 OPTIONAL_COLUMNS: tuple[str, ...] = tuple(f.name for f in STORED_FIELDS if not f.required)
+
+
+def qualified_name(table: Table, schema: str | None, dialect: Dialect) -> str:
+    """``table``'s name quoted for driver SQL in ``dialect``, prefixed with the registry's
+    ``schema`` where it has one (None: the search path's)."""
+    preparer = dialect.identifier_preparer
+    name = preparer.quote(table.name)
+    return f"{preparer.quote_schema(schema)}.{name}" if schema else name
 
 
 def missing_agent_columns(present: set[str]) -> list[Column[Any]]:

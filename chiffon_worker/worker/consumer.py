@@ -48,10 +48,13 @@ MALFORMED_ENVELOPE_ERRORS: tuple[type[Exception], ...] = (
 
 #: Longest wait between the worker's attempts to reach the broker (seconds).
 RECONNECT_MAX_SECONDS = 5.0
+#: The AMQP heartbeat the agent asks the broker for (``broker_heartbeat``, seconds): RabbitMQ
+#: drops a connection that stays silent for two of them.
+BROKER_HEARTBEAT_SECONDS = 10
 #: How long after a lost connection a locked remote-control queue is taken for the lost
-#: connection's, still held by the broker, and retried (seconds): three of the AMQP
-#: heartbeats (``broker_heartbeat``, 10 s) after which RabbitMQ drops a dead connection.
-PIDBOX_RELEASE_SECONDS = 30.0
+#: connection's, still held by the broker, and retried (seconds): three AMQP heartbeats,
+#: by when RabbitMQ has dropped a dead connection.
+PIDBOX_RELEASE_SECONDS = 3.0 * BROKER_HEARTBEAT_SECONDS
 #: Seconds between those retries.
 PIDBOX_RETRY_SECONDS = 1.0
 #: Celery's native delayed delivery (5.5+), a consumer step that switches itself on when a

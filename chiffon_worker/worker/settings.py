@@ -24,7 +24,7 @@ from chiffon_worker.wire import (
     heartbeat_queue,
 )
 from chiffon_worker.worker.beat import HeartbeatScheduler
-from chiffon_worker.worker.consumer import Consumer
+from chiffon_worker.worker.consumer import BROKER_HEARTBEAT_SECONDS, Consumer
 
 #: Longest beat sleep (seconds): beat wakes at least this often to notice a stop.
 BEAT_MAX_LOOP_SECONDS = 5.0
@@ -76,7 +76,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_connection_retry": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_heartbeat": 10,
+        "broker_heartbeat": BROKER_HEARTBEAT_SECONDS,
         # Celery's default; fewer deadlocks Flower, whose parallel inspect calls (up to 8)
         # each hold two pooled connections at once
         "broker_pool_limit": 10,
