@@ -134,7 +134,12 @@ MEASURES = [
       for peer, ratio, target, met in (
           ("kombu ack-only floor", "ours_over_kombu_floor", ">= 0.8",
            lambda v: v >= 0.8),
-          ("Celery event state", "ours_over_celery_event_state", "> 1", lambda v: v > 1))),
+          ("Celery event state", "ours_over_celery_event_state", "> 1", lambda v: v > 1),
+          # the same ratio in CPU: what the floor's process spends per message over what
+          # ours spends per heartbeat (bench/cpu_use.py); close to the rate ratio when the
+          # consumer is the busy part of the machine
+          ("kombu floor in CPU (its CPU / ours)", "kombu_floor_cpu_over_ours_cpu", ">= 0.8",
+           lambda v: v >= 0.8))),
     Measure("ingest", "2 orchestrators / 1, PostgreSQL (median)", "x", ">= 1.5",
             lambda d: d["orchestrators"]["summary"]["ratios"]["2_over_1"]["median"],
             lambda v: v >= 1.5),

@@ -73,6 +73,7 @@ from kombu.connection import Connection
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu_use import cpu_model, measure_cpu  # noqa: E402
 from bench.trees import baseline_tree  # noqa: E402
 
 if TYPE_CHECKING:
@@ -341,8 +342,10 @@ def run_backend(backend: str, args: argparse.Namespace, *, timed: bool = False
             registry = Registry(POSTGRES, schema=schema)
         try:
             load_before = os.getloadavg()[0]
-            result = drain(registry, queue, args.messages, batch_size=args.batch_size,
-                           prefetch=args.prefetch, timed=timed)
+            with measure_cpu() as cpu:
+                result = drain(registry, queue, args.messages, batch_size=args.batch_size,
+                               prefetch=args.prefetch, timed=timed)
+            result["cpu"] = cpu.per_message(args.messages)
             result["load_average_1min_before_after"] = [round(load_before, 2),
                                                         round(os.getloadavg()[0], 2)]
             agents_stored = len(registry.agents())
@@ -434,6 +437,7 @@ def one_repeat(backend: str, args: argparse.Namespace, event_broker: str | None,
            "celery_event_state_events_per_second": events,
            "ours_over_kombu_floor": round(hb / floor, 3),
            "ours_over_celery_event_state": round(hb / events, 3),
+           "cpu_us_per_message": cpu_row(ours, measured),
            "kombu_floor": measured["kombu_floor"],
            "celery_event_state": measured["celery_event_state"]}
     print(f"{backend} repeat {index + 1}/{args.repeat}: ours {hb:.0f} heartbeats/s, "
@@ -442,6 +446,19 @@ def one_repeat(backend: str, args: argparse.Namespace, event_broker: str | None,
           f"(ours x{row['ours_over_celery_event_state']:.2f}); order {', '.join(order)}",
           file=sys.stderr)
     return ours, row
+
+
+def cpu_row(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each consumer's CPU µs per message and the servers' beside it (see
+    ``bench/cpu_use.py``), and the kombu floor's consumer CPU over ours: on a machine
+    whose cores are all busy, about the rate ratio ``ours_over_kombu_floor``."""
+    runs = {"ours": ours, **{name: peers[name] for name in ("kombu_floor",
+                                                            "celery_event_state")}}
+    row: dict[str, Any] = {name: run["cpu"] for name, run in runs.items()}
+    row["kombu_floor_cpu_over_ours_cpu"] = round(
+        runs["kombu_floor"]["cpu"]["consumer_cpu_us_per_message"]
+        / ours["cpu"]["consumer_cpu_us_per_message"], 3)
+    return row
 
 
 def peers_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -461,6 +478,13 @@ def peers_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             spread(column("celery_event_state_events_per_second")),
         "ours_over_kombu_floor": spread(kombu_ratio, 3),
         "ours_over_celery_event_state": spread(celery_ratio, 3),
+        "consumer_cpu_us_per_message": {
+            name: spread([row["cpu_us_per_message"][name]["consumer_cpu_us_per_message"]
+                          for row in rows]) for name in MEASURES},
+        "kombu_floor_cpu_over_ours_cpu": spread(
+            [row["cpu_us_per_message"]["kombu_floor_cpu_over_ours_cpu"] for row in rows], 3),
+        "machine_busy_percent_during_ours": spread(
+            [row["cpu_us_per_message"]["ours"]["machine_busy_percent"] for row in rows]),
         "meets_kombu_ratio_0_8": statistics.median(kombu_ratio) >= KOMBU_FLOOR_RATIO,
         "ahead_of_celery_state": statistics.median(celery_ratio) > 1.0,
         "meets_kombu_ratio_0_8_every_repeat": min(kombu_ratio) >= KOMBU_FLOOR_RATIO,
@@ -479,7 +503,10 @@ PEERS_WHAT = (
     "--agents hostnames sent by an app's EventDispatcher, consumed by app.events.Receiver "
     "(handlers={'*': state.event}, as Flower) into app.events.State(), events/s from "
     "connect until State processed the last one; on a private vhost; the receiver queue is "
-    "not exclusive and has no TTL so it can be filled first. Booleans: at the median ratio.")
+    "not exclusive and has no TTL so it can be filled first. cpu_us_per_message: for each "
+    "timed drain, CPU microseconds per message of the consumer's process, of RabbitMQ and "
+    "of PostgreSQL, and the share of the machine's cores busy (bench/cpu_use.py). "
+    "Booleans: at the median ratio.")
 
 
 # -- several orchestrators on one queue and one PostgreSQL registry ---------------------------
@@ -754,7 +781,8 @@ def main() -> None:
         "benchmark": "heartbeat ingest: RabbitMQ queue -> HeartbeatConsumer -> registry",
         "target_heartbeats_per_second": TARGET_PER_SECOND,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                    "python": platform.python_version(),
                     "platform": platform.platform(), "celery": celery.__version__,
                     "kombu": kombu.__version__, "sqlalchemy": sqlalchemy.__version__,
                     "psycopg": psycopg.__version__},

@@ -37,6 +37,7 @@ from kombu.connection import Connection
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu_use import cpu_model  # noqa: E402
 from bench.trees import baseline_tree  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -149,7 +150,8 @@ def main() -> None:
         "benchmark": "heartbeat ingest: this tree against an earlier revision, in pairs",
         "what": __doc__.split("\n\n")[1].replace("\n", " "),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
+                    "python": platform.python_version(),
                     "platform": platform.platform()},
         "revision": rev,
         "settings": {"pairs": args.pairs, "messages": args.messages, "agents": args.agents,

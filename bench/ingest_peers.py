@@ -109,40 +109,43 @@ def kombu_floor(broker: str, declaration: Queue, messages: int, *, batch_size: i
 
     Returns seconds from connecting to the last ack, and messages per second.
     """
+    from bench.cpu_use import measure_cpu  # imported here: the publisher runs without bench
+
     received = 0
     finished = 0.0
-    started = time.perf_counter()
-    conn = Connection(broker)
-    try:
-        channel = conn.channel()
+    with measure_cpu() as cpu:
+        started = time.perf_counter()
+        conn = Connection(broker)
+        try:
+            channel = conn.channel()
 
-        def on_message(message: Any) -> None:
-            nonlocal received, finished
-            received += 1
-            if received % batch_size == 0 or received == messages:
-                message.ack(multiple=True)
-            if received == messages:
-                finished = time.perf_counter()
+            def on_message(message: Any) -> None:
+                nonlocal received, finished
+                received += 1
+                if received % batch_size == 0 or received == messages:
+                    message.ack(multiple=True)
+                if received == messages:
+                    finished = time.perf_counter()
 
-        consumer = Consumer(channel, queues=[declaration], on_message=on_message,
-                            prefetch_count=prefetch, no_ack=False)
-        consumer.consume()
-        with Stall(lambda: received, lambda: _shutdown(conn)) as stall:
-            try:
-                while received < messages:
-                    conn.drain_events()
-            except (OSError, *conn.connection_errors) as exc:
-                if not stall.stalled:
-                    raise
-                raise SystemExit(f"kombu floor: {received} of {messages} messages in "
-                                 f"{STALL_SECONDS:.0f} s ({exc})") from None
-        consumer.cancel()
-    finally:
-        conn.release()
+            consumer = Consumer(channel, queues=[declaration], on_message=on_message,
+                                prefetch_count=prefetch, no_ack=False)
+            consumer.consume()
+            with Stall(lambda: received, lambda: _shutdown(conn)) as stall:
+                try:
+                    while received < messages:
+                        conn.drain_events()
+                except (OSError, *conn.connection_errors) as exc:
+                    if not stall.stalled:
+                        raise
+                    raise SystemExit(f"kombu floor: {received} of {messages} messages in "
+                                     f"{STALL_SECONDS:.0f} s ({exc})") from None
+            consumer.cancel()
+        finally:
+            conn.release()
     elapsed = finished - started
     return {"seconds": round(elapsed, 3), "messages_per_second": round(messages / elapsed, 1),
             "messages": received, "prefetch_count": prefetch, "ack_every": batch_size,
-            "drain_timeout": None}
+            "drain_timeout": None, "cpu": cpu.per_message(messages)}
 
 
 def _shutdown(conn: Connection) -> None:
@@ -234,6 +237,8 @@ def celery_event_state(broker: str, messages: int, agents: int, publishers: int
 
     Returns seconds, events per second, and what State holds afterwards.
     """
+    from bench.cpu_use import measure_cpu  # imported here: the publisher runs without bench
+
     app = event_app(broker)
     state = app.events.State(max_workers_in_memory=max(agents, 5000))  # default keeps 5000
     handled = 0
@@ -257,7 +262,7 @@ def celery_event_state(broker: str, messages: int, agents: int, publishers: int
         depth = wait_for_depth(broker, queue_name, messages)
         if depth != messages:
             raise SystemExit(f"event queue holds {depth} events, expected {messages}")
-        with _drift_warnings() as drift:
+        with _drift_warnings() as drift, measure_cpu() as cpu:
             started = time.perf_counter()
             try:
                 receiver.capture(limit=None, timeout=STALL_SECONDS, wakeup=False)
@@ -271,7 +276,7 @@ def celery_event_state(broker: str, messages: int, agents: int, publishers: int
     return {"seconds": round(elapsed, 3), "events_per_second": round(messages / elapsed, 1),
             "events": state.event_count, "workers_in_state": len(state.workers),
             "publish_seconds": round(publish_seconds, 3),
-            "drift_warnings": drift.count}
+            "drift_warnings": drift.count, "cpu": cpu.per_message(messages)}
 
 
 def run_kombu_floor(broker: str, declaration: Queue, fill: Callable[[str], float],
