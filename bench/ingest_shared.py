@@ -37,6 +37,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from sqlalchemy import create_engine, func, select, text
 
+from bench.cpu_use import measure_cpu
 from bench.ingest_peers import queue_depth, spread, wait_for_depth
 
 #: Seconds to wait for the orchestrator processes to start (imports, registry, consumer).
@@ -291,11 +292,10 @@ def run_orchestrators(count: int, *, broker: str, postgres: str, declaration: Qu
             try:
                 procs, go, stop, progress, pipes = _start(count, settings)
                 load_before = os.getloadavg()[0]
-                cpu_before = cpu_ticks()
-                started = time.monotonic()
-                go.set()
-                finished = _wait_for_all(procs, progress, messages, started)
-                cpu_after = cpu_ticks()
+                with measure_cpu() as cpu:
+                    started = time.monotonic()
+                    go.set()
+                    finished = _wait_for_all(procs, progress, messages, started)
                 reports = _stop(procs, stop, pipes)
                 held = books(registry, messages, agents)
             finally:
@@ -316,30 +316,13 @@ def run_orchestrators(count: int, *, broker: str, postgres: str, declaration: Qu
             "messages_left_in_queue": left, "publish_seconds": round(publish_seconds, 3),
             "load_average_1min_before_after": [round(load_before, 2),
                                                round(os.getloadavg()[0], 2)],
-            "machine_cpu_busy_percent": busy_percent(cpu_before, cpu_after),
+            "machine_cpu_busy_percent": round(cpu.busy_fraction * 100, 1),
+            "servers_cpu_us_per_heartbeat": {
+                kind: round(seconds / messages * 1e6, 1)
+                for kind, seconds in cpu.server_seconds.items()},
             "turn_held_percent": round(
                 100 * sum(r["turn_held_seconds"] for r in reports) / elapsed, 1),
             "registry": held, "processes": reports}
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot (``/proc/stat``), None off Linux."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def busy_percent(before: tuple[int, int] | None, after: tuple[int, int] | None
-                 ) -> float | None:
-    """Percent of all CPUs' time that was busy (anyone's work) between two
-    :func:`cpu_ticks` readings."""
-    if before is None or after is None or after[1] == before[1]:
-        return None
-    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
 # -- repeats and summary ---------------------------------------------------------------------------
